@@ -1,0 +1,1 @@
+"""The admin CLI: a thin Typer shell over functions in ``orchestrator``."""

@@ -1,0 +1,10 @@
+"""``orchestrator demo``."""
+
+from __future__ import annotations
+
+
+def demo() -> None:
+    """Run the whole system on the embedded default and print a summary."""
+    from orchestrator.demo import run_demo
+
+    run_demo()

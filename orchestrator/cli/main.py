@@ -1,0 +1,48 @@
+"""``orchestrator``: the admin command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, worker_cmd
+from orchestrator.errors import OrchestratorError
+
+app = typer.Typer(
+    name="orchestrator",
+    help="Tiered workload orchestrator for AI batch and offline work (Celery + Redis).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(db_cmd.app, name="db")
+app.add_typer(jobs_cmd.app, name="jobs")
+app.command("worker")(worker_cmd.worker)
+app.command("demo")(demo_cmd.demo)
+
+err = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry point: every orchestrator error is one line and exit code 1."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except OrchestratorError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,290 @@
+"""The Python client: submit jobs, follow them, cancel them.
+
+    from orchestrator import Client
+
+    with Client.from_env() as client:
+        handle = client.submit("echo", {"hello": "world"}, tenant="acme")
+        print(handle.result(timeout=10))
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis import RedisError
+
+from orchestrator.broker import publish
+from orchestrator.db.models import JobState
+from orchestrator.db.store import AttemptView, JobView, NewJob
+from orchestrator.errors import (
+    InvalidOption,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    ServiceUnavailable,
+)
+from orchestrator.services import Services, done_channel
+from orchestrator.settings import Settings
+from orchestrator.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class JobHandle:
+    """A submitted job. ``created`` is False when an idempotency key matched an existing job."""
+
+    def __init__(self, client: Client, job_id: str, *, created: bool = True) -> None:
+        self.client = client
+        self.id = job_id
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def job(self) -> JobView:
+        """The job's current row. Raises: JobNotFound."""
+        return self.client.get(self.id)
+
+    def status(self) -> str:
+        """The job's state: deferred, queued, running, succeeded, failed, dead or cancelled."""
+        return self.job().state
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job and return its result.
+
+        Raises:
+            JobFailed: the job ended failed or dead (the worker's error is attached).
+            JobCancelled: the job was cancelled.
+            JobTimeout: it did not finish within ``timeout`` seconds.
+        """
+        return self.client.result(self.id, timeout=timeout)
+
+    def cancel(self) -> bool:
+        return self.client.cancel(self.id)
+
+
+class Client:
+    """Submits and follows jobs. Thread-safe; close it (or use ``with``) when done."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """A client configured from ``ORCH_*`` variables (the embedded default when unset).
+
+        Raises:
+            ConfigurationError, ServiceUnavailable: see ``Services.open``.
+        """
+        return cls.from_settings(Settings.from_env())
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Client:
+        return cls(Services.open(settings))
+
+    def close(self) -> None:
+        self.services.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- submit ------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        tier: Tier | str | None = None,
+        tenant: str = "default",
+        idempotency_key: str | None = None,
+        deadline: datetime | timedelta | float | None = None,
+    ) -> JobHandle:
+        """Validate and enqueue a job; with a used ``(tenant, idempotency_key)``, return that job.
+
+        ``tier=None`` takes the kind's default tier. ``deadline`` (a UTC datetime, or seconds or
+        a timedelta from now) is the latest time the job may start; past it, it fails unrun.
+
+        Raises:
+            UnknownKind: no imported module declares ``kind``.
+            InvalidPayload: the payload does not match the kind's schema (field by field).
+            InvalidOption: tier, tenant, idempotency key or deadline is malformed.
+            ServiceUnavailable: the job could not be stored or published (nothing is left
+                behind).
+        """
+        spec = self.services.kinds.get(kind)
+        model = spec.validate(payload)
+        chosen = _parse_tier(tier) if tier is not None else spec.tier
+        _check_tenant(tenant)
+        _check_key(idempotency_key)
+        due = _parse_deadline(deadline)
+        policy = self.settings.policy(chosen)
+        new = NewJob(
+            tenant=tenant, kind=kind, tier=chosen.value, priority=policy.priority,
+            payload=model.model_dump(mode="json"),
+            max_attempts=spec.retry.resolve(policy).max_attempts or policy.max_attempts,
+            idempotency_key=idempotency_key, deadline=due,
+        )
+        store = self.services.store
+        job_id, created = store.create(new)
+        if created:
+            try:
+                publish(self.services.celery, job_id, chosen, policy.priority,
+                        time_limit=policy.time_limit_s)
+            except (KombuOperationalError, RedisError, OSError) as e:
+                store.delete_unpublished(job_id)
+                raise ServiceUnavailable(f"broker refused the job, nothing was kept: {e}") from e
+            log.debug("submitted job %s kind=%s tier=%s tenant=%s", job_id, kind, chosen, tenant)
+        return JobHandle(self, job_id, created=created)
+
+    # --- follow ------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobView:
+        """Raises: JobNotFound."""
+        job = self.services.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def attempts(self, job_id: str) -> list[AttemptView]:
+        return self.services.store.attempts(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not finished; False when it already had.
+
+        A queued job never runs; a running one keeps running until it ends but its result is
+        discarded. Raises: JobNotFound.
+        """
+        if self.services.store.cancel(job_id):
+            self.services.signal_done(job_id, JobState.CANCELLED)
+            return True
+        self.get(job_id)
+        return False
+
+    def wait(self, handles: Iterable[JobHandle | str], timeout: float | None = None
+             ) -> list[JobView]:
+        """Block until every job has ended (in any state); return them in the given order.
+
+        Completion arrives through Redis pub/sub; the database is re-read every
+        ``result_wait_poll_s`` as a safety net, so a lost signal only costs a poll.
+
+        Raises:
+            JobNotFound: an id does not exist.
+            JobTimeout: some job had not ended within ``timeout`` seconds (names the first).
+        """
+        ids = [h.id if isinstance(h, JobHandle) else h for h in handles]
+        store = self.services.store
+        done: dict[str, JobView] = {}
+        pubsub = self.services.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pending = set(ids)
+            first_look = store.get_many(sorted(pending))
+            missing = next((i for i in ids if i not in first_look), None)
+            if missing is not None:
+                raise JobNotFound(missing)
+            self._refresh(first_look, pending, done)
+            for start in range(0, len(ids), 1000):
+                pubsub.subscribe(*[done_channel(i) for i in ids[start:start + 1000]])
+            deadline = None if timeout is None else time.monotonic() + timeout
+            poll = self.settings.result_wait_poll_s
+            next_poll = time.monotonic()  # re-read once subscribed: no end slips between
+            while pending:
+                now = time.monotonic()
+                if now >= next_poll:
+                    self._refresh(store.get_many(sorted(pending)), pending, done)
+                    next_poll = now + poll
+                    continue
+                if deadline is not None and now >= deadline:
+                    first = next(i for i in ids if i in pending)
+                    current = store.get(first)
+                    raise JobTimeout(first, timeout or 0.0, current.state if current else "?")
+                wait_for = next_poll - now if deadline is None else min(next_poll, deadline) - now
+                message = pubsub.get_message(timeout=max(wait_for, 0.001))
+                if message is None:
+                    continue
+                job_id = message["channel"].decode().removeprefix("orch:done:")
+                if job_id in pending:
+                    # The signal says "look now"; the row is the truth.
+                    self._refresh(store.get_many([job_id]), pending, done)
+        finally:
+            pubsub.close()
+        return [done[i] for i in ids]
+
+    @staticmethod
+    def _refresh(views: dict[str, JobView], pending: set[str], done: dict[str, JobView]) -> None:
+        for job_id, view in views.items():
+            if view.terminal:
+                done[job_id] = view
+                pending.discard(job_id)
+
+    def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Wait for one job and return its result.
+
+        Raises:
+            JobFailed, JobCancelled, JobTimeout, JobNotFound.
+        """
+        job = self.wait([job_id], timeout=timeout)[0]
+        if job.state == JobState.SUCCEEDED:
+            return job.result
+        if job.state == JobState.CANCELLED:
+            raise JobCancelled(job_id)
+        raise JobFailed(job_id, job.state, job.error)
+
+
+def _parse_tier(tier: Tier | str) -> Tier:
+    try:
+        return Tier(tier)
+    except ValueError:
+        raise InvalidOption(
+            f"unknown tier {tier!r}; choose from interactive, nearline, offline"
+        ) from None
+
+
+def _check_tenant(tenant: str) -> None:
+    if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+        raise InvalidOption(
+            f"invalid tenant {tenant!r}: 1-64 characters of letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _check_key(key: str | None) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str) or not key or len(key) > 255:
+        raise InvalidOption("idempotency_key must be a non-empty string of at most 255 chars")
+
+
+def _parse_deadline(deadline: datetime | timedelta | float | None) -> datetime | None:
+    if deadline is None:
+        return None
+    now = datetime.now(UTC)
+    if isinstance(deadline, datetime):
+        if deadline.tzinfo is None:
+            raise InvalidOption("deadline must be timezone-aware (e.g. datetime.now(UTC))")
+        due = deadline
+    elif isinstance(deadline, timedelta):
+        due = now + deadline
+    elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
+        due = now + timedelta(seconds=float(deadline))
+    else:
+        raise InvalidOption(f"deadline must be a datetime, timedelta or seconds, not {deadline!r}")
+    if due <= now:
+        raise InvalidOption(f"deadline {due.isoformat()} is already past")
+    return due
+

@@ -1,0 +1,1 @@
+"""The database layer: models, engine, migrations and the job store."""

@@ -1,0 +1,408 @@
+"""The job store: every state change is a conditional UPDATE on (id, state, attempt).
+
+Invariant: a duplicate delivery, a late ack or a worker killed mid-task can never run a job's
+effect twice or lose it, because a transition only happens when the row is still in the state
+the caller saw, at the attempt the caller holds. Hot paths use Core statements, not the ORM.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, func, insert, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.db.models import JobState, Outcome, UTCDateTime, attempts, jobs, tenants
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as read from the database."""
+
+    id: str
+    tenant: str
+    kind: str
+    tier: str
+    state: str
+    priority: int
+    idempotency_key: str | None
+    payload: dict[str, Any]
+    result: Any
+    result_ref: str | None
+    error: str | None
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_expires_at: datetime | None
+    deadline: datetime | None
+    parent_id: str | None
+    items_total: int | None
+    items_done: int
+    queue_seconds: float | None
+    cpu_seconds: float
+    wall_seconds: float
+    items: int
+    cost: Decimal | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in JobState.TERMINAL
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, datetime):
+                out[key] = value.isoformat()
+            elif isinstance(value, Decimal):
+                out[key] = str(value)
+        return out
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    number: int
+    worker: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    error: str | None
+    cpu_seconds: float | None
+    wall_seconds: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("started_at", "finished_at"):
+            out[key] = out[key].isoformat() if out[key] else None
+        return out
+
+
+@dataclass(frozen=True)
+class NewJob:
+    tenant: str
+    kind: str
+    tier: str
+    priority: int
+    payload: dict[str, Any]
+    max_attempts: int
+    idempotency_key: str | None = None
+    deadline: datetime | None = None
+    parent_id: str | None = None
+    items_total: int | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds after claiming a job: the right to finish attempt ``attempt``."""
+
+    job_id: str
+    kind: str
+    tenant: str
+    tier: str
+    payload: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    queued_at: datetime | None
+    started_at: datetime
+    lease_expires_at: datetime
+    deadline: datetime | None
+    took_over: bool
+
+
+_JOB_COLUMNS = [jobs.c[name] for name in JobView.__dataclass_fields__]
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
+    dialect = conn.dialect.name
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - other databases are refused by normalize_url
+        raise NotImplementedError(dialect)
+    conn.execute(stmt)
+
+
+class JobStore:
+    """Reads and conditional writes of jobs and attempts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- submit ------------------------------------------------------------------------------
+
+    def create(self, job: NewJob, *, now: datetime | None = None) -> tuple[str, bool]:
+        """Insert a queued job; with an idempotency key already used, return the existing one.
+
+        Returns ``(job_id, created)``. Concurrent submits of one key create one row: the
+        unique constraint decides, and the losers read the winner's id.
+        """
+        now = now or utcnow()
+        if job.idempotency_key is not None:
+            existing = self.find_by_key(job.tenant, job.idempotency_key)
+            if existing is not None:
+                return existing, False
+        job_id = new_job_id()
+        try:
+            with self.engine.begin() as conn:
+                _insert_ignore(conn, tenants, {"name": job.tenant, "weight": 1, "created_at": now})
+                conn.execute(
+                    insert(jobs).values(
+                        id=job_id, tenant=job.tenant, kind=job.kind, tier=job.tier,
+                        state=JobState.QUEUED, priority=job.priority,
+                        idempotency_key=job.idempotency_key, payload=job.payload,
+                        attempts=0, max_attempts=job.max_attempts, created_at=now,
+                        queued_at=now, deadline=job.deadline, parent_id=job.parent_id,
+                        items_total=job.items_total, items_done=0, cpu_seconds=0.0,
+                        wall_seconds=0.0, items=0,
+                    )
+                )
+        except IntegrityError:
+            if job.idempotency_key is None:
+                raise
+            existing = self.find_by_key(job.tenant, job.idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        return job_id, True
+
+    def delete_unpublished(self, job_id: str) -> None:
+        """Remove a job whose message could not be published (the submit is refused)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                jobs.delete().where(and_(jobs.c.id == job_id, jobs.c.attempts == 0))
+            )
+
+    def find_by_key(self, tenant: str, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(jobs.c.id).where(
+                    and_(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)
+                )
+            ).scalar_one_or_none()
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobView | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).first()
+        return JobView(**row._mapping) if row else None
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, JobView]:
+        if not job_ids:
+            return {}
+        out: dict[str, JobView] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(job_ids), 500):
+                chunk = list(job_ids[start:start + 500])
+                for row in conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id.in_(chunk))):
+                    out[row.id] = JobView(**row._mapping)
+        return out
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        tenant: str | None = None,
+        kind: str | None = None,
+        tier: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+    ) -> list[JobView]:
+        query = select(*_JOB_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id).limit(limit)
+        for column, value in (
+            (jobs.c.state, state), (jobs.c.tenant, tenant), (jobs.c.kind, kind),
+            (jobs.c.tier, tier),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(jobs.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return [JobView(**row._mapping) for row in conn.execute(query)]
+
+    def attempts(self, job_id: str) -> list[AttemptView]:
+        query = (
+            select(
+                attempts.c.number, attempts.c.worker, attempts.c.started_at,
+                attempts.c.finished_at, attempts.c.outcome, attempts.c.error,
+                attempts.c.cpu_seconds, attempts.c.wall_seconds,
+            )
+            .where(attempts.c.job_id == job_id)
+            .order_by(attempts.c.number)
+        )
+        with self.engine.connect() as conn:
+            return [AttemptView(**row._mapping) for row in conn.execute(query)]
+
+    # --- control -----------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, *, now: datetime | None = None) -> bool:
+        """Cancel a job that has not finished. A running attempt's result is then discarded."""
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.id == job_id, jobs.c.state.in_(JobState.ACTIVE)))
+                .values(state=JobState.CANCELLED, finished_at=now, lease_expires_at=None)
+            )
+        return result.rowcount == 1
+
+    # --- worker side -------------------------------------------------------------------------
+
+    def claim(self, job_id: str, worker: str, lease_s: Mapping[str, float], *,
+              now: datetime | None = None) -> Claim | None:
+        """Move a queued job (or a running one whose lease expired) to running, attempt + 1.
+
+        ``lease_s`` maps each tier to its lease length. Returns None when the job is not
+        claimable: finished, cancelled, deferred, or held by a live lease.
+        """
+        now = now or utcnow()
+        lease = case(
+            {tier: literal(now + timedelta(seconds=s), UTCDateTime()) for tier, s in lease_s.items()},
+            value=jobs.c.tier,
+            else_=literal(now + timedelta(seconds=max(lease_s.values())), UTCDateTime()),
+        )
+        claimable = or_(
+            jobs.c.state == JobState.QUEUED,
+            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now),
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.id == job_id, claimable, jobs.c.attempts < jobs.c.max_attempts))
+                .values(
+                    state=JobState.RUNNING, attempts=jobs.c.attempts + 1, lease_expires_at=lease,
+                    started_at=func.coalesce(jobs.c.started_at, now),
+                )
+                .returning(
+                    jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload, jobs.c.attempts,
+                    jobs.c.max_attempts, jobs.c.queued_at, jobs.c.lease_expires_at, jobs.c.deadline,
+                )
+            ).first()
+            if row is None:
+                return None
+            took_over = conn.execute(
+                update(attempts)
+                .where(and_(attempts.c.job_id == job_id, attempts.c.outcome == Outcome.RUNNING))
+                .values(outcome=Outcome.LOST, finished_at=now, error="lease expired: worker lost")
+            ).rowcount > 0
+            conn.execute(
+                insert(attempts).values(
+                    job_id=job_id, number=row.attempts, worker=worker, started_at=now,
+                    outcome=Outcome.RUNNING,
+                )
+            )
+        return Claim(
+            job_id=job_id, kind=row.kind, tenant=row.tenant, tier=row.tier, payload=row.payload,
+            attempt=row.attempts, max_attempts=row.max_attempts, queued_at=row.queued_at,
+            started_at=now, lease_expires_at=row.lease_expires_at, deadline=row.deadline,
+            took_over=took_over,
+        )
+
+    def renew_lease(self, claim: Claim, lease_s: float, *, now: datetime | None = None) -> bool:
+        """Extend a held lease; False when the attempt no longer owns the job."""
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(jobs)
+                .where(_owns(claim))
+                .values(lease_expires_at=now + timedelta(seconds=lease_s))
+            ).rowcount == 1
+
+    def finish(
+        self,
+        claim: Claim,
+        *,
+        state: str,
+        outcome: str,
+        cpu_seconds: float,
+        wall_seconds: float,
+        result: Any = None,
+        error: str | None = None,
+        items: int = 0,
+        requeue_at: datetime | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """End an attempt: succeeded, failed, dead, or back to queued for a retry.
+
+        Returns False (and records the attempt as lost or cancelled) when the attempt no longer
+        owns the job, in which case nothing about the job changes.
+        """
+        now = now or utcnow()
+        waited = (claim.started_at - claim.queued_at).total_seconds() if claim.queued_at else 0.0
+        values: dict[str, Any] = {
+            "state": state,
+            "lease_expires_at": None,
+            "error": error,
+            "cpu_seconds": jobs.c.cpu_seconds + cpu_seconds,
+            "wall_seconds": jobs.c.wall_seconds + wall_seconds,
+            "queue_seconds": func.coalesce(jobs.c.queue_seconds, 0.0) + max(waited, 0.0),
+        }
+        if state == JobState.QUEUED:
+            values["queued_at"] = requeue_at or now
+        else:
+            values.update(finished_at=now, result=result, items=items)
+        with self.engine.begin() as conn:
+            owned = conn.execute(update(jobs).where(_owns(claim)).values(**values)).rowcount == 1
+            if not owned:
+                current = conn.execute(
+                    select(jobs.c.state).where(jobs.c.id == claim.job_id)
+                ).scalar_one_or_none()
+                outcome = Outcome.CANCELLED if current == JobState.CANCELLED else Outcome.LOST
+            conn.execute(
+                update(attempts)
+                .where(and_(attempts.c.job_id == claim.job_id, attempts.c.number == claim.attempt))
+                .values(outcome=outcome, finished_at=now, error=error, cpu_seconds=cpu_seconds,
+                        wall_seconds=wall_seconds)
+            )
+        return owned
+
+    def mark_dead_if_exhausted(self, job_id: str, *, now: datetime | None = None) -> bool:
+        """A running job whose lease expired with no attempts left is dead (its worker was lost)."""
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(jobs)
+                .where(and_(
+                    jobs.c.id == job_id, jobs.c.state == JobState.RUNNING,
+                    jobs.c.lease_expires_at < now, jobs.c.attempts >= jobs.c.max_attempts,
+                ))
+                .values(state=JobState.DEAD, finished_at=now, lease_expires_at=None,
+                        error="worker lost on the last attempt (lease expired)")
+            ).rowcount == 1
+            if done:
+                conn.execute(
+                    update(attempts)
+                    .where(and_(attempts.c.job_id == job_id,
+                                attempts.c.outcome == Outcome.RUNNING))
+                    .values(outcome=Outcome.LOST, finished_at=now,
+                            error="lease expired: worker lost")
+                )
+        return done
+
+
+def _owns(claim: Claim) -> Any:
+    return and_(
+        jobs.c.id == claim.job_id,
+        jobs.c.state == JobState.RUNNING,
+        jobs.c.attempts == claim.attempt,
+    )
+

@@ -1,0 +1,116 @@
+"""Every error the orchestrator raises, under one root.
+
+The branch says who should act: ``SubmitError`` is the caller's to fix, ``JobError`` reports a
+job's outcome, ``TaskError`` is raised by job kinds inside a worker and its type says whether the
+runtime retries (``TransientError``) or fails the job at once (``PermanentError``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """Root of every error raised by this package."""
+
+
+class ConfigurationError(OrchestratorError):
+    """Raised when settings from the environment are missing, malformed or contradictory."""
+
+
+class ServiceUnavailable(OrchestratorError):
+    """Raised when the database or the broker cannot be reached."""
+
+
+# --- submit side -----------------------------------------------------------------------------
+
+
+class SubmitError(OrchestratorError):
+    """Raised when a submit is refused; nothing was stored and nothing was enqueued."""
+
+
+class UnknownKind(SubmitError):
+    """Raised when a job kind is not declared in any module listed in ``ORCH_IMPORTS``."""
+
+    def __init__(self, kind: str, known: list[str]) -> None:
+        self.kind = kind
+        self.known = known
+        super().__init__(
+            f"unknown job kind {kind!r}; declared kinds: {', '.join(sorted(known)) or 'none'} "
+            "(declare it with @kind in a module listed in ORCH_IMPORTS)"
+        )
+
+
+class InvalidPayload(SubmitError):
+    """Raised when a payload does not match its kind's schema; ``errors`` lists each field."""
+
+    def __init__(self, kind: str, errors: list[dict[str, Any]]) -> None:
+        self.kind = kind
+        self.errors = errors
+        lines = [
+            f"{'.'.join(str(p) for p in err.get('loc', ())) or '<payload>'}: {err.get('msg')}"
+            for err in errors
+        ]
+        super().__init__(f"invalid payload for kind {kind!r}: " + "; ".join(lines))
+
+
+class InvalidOption(SubmitError):
+    """Raised when a submit option (tier, tenant, idempotency key, deadline) is malformed."""
+
+
+# --- job outcomes ----------------------------------------------------------------------------
+
+
+class JobError(OrchestratorError):
+    """Raised when a job cannot give the result that was asked for."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        self.job_id = job_id
+        super().__init__(message)
+
+
+class JobNotFound(JobError):
+    """Raised when no job has the given id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"no job with id {job_id!r}")
+
+
+class JobFailed(JobError):
+    """Raised when a job ended ``failed`` or ``dead``; ``error`` is the worker's last error."""
+
+    def __init__(self, job_id: str, state: str, error: str | None) -> None:
+        self.state = state
+        self.error = error
+        super().__init__(job_id, f"job {job_id} is {state}: {error or 'no error recorded'}")
+
+
+class JobCancelled(JobError):
+    """Raised when asking for the result of a cancelled job."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"job {job_id} was cancelled")
+
+
+class JobTimeout(JobError, TimeoutError):
+    """Raised when a job did not finish within the time the caller was willing to wait."""
+
+    def __init__(self, job_id: str, timeout: float, state: str) -> None:
+        self.timeout = timeout
+        self.state = state
+        super().__init__(job_id, f"job {job_id} still {state} after waiting {timeout:g}s")
+
+
+# --- raised by job kinds inside a worker -----------------------------------------------------
+
+
+class TaskError(OrchestratorError):
+    """Raised by a job kind; the subclass decides whether the runtime retries."""
+
+
+class TransientError(TaskError):
+    """Raised when an execution failed for a reason that may pass (retried with backoff)."""
+
+
+class PermanentError(TaskError):
+    """Raised when an execution can never succeed with this payload (failed, no retry)."""

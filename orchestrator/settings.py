@@ -1,0 +1,167 @@
+"""One typed settings object, built from the environment and passed down.
+
+Nothing here connects to anything. With neither ``ORCH_DATABASE_URL`` nor ``ORCH_BROKER_URL``
+set, the embedded default applies: a SQLite file and a private Redis, both under the state dir.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import ConfigurationError
+from orchestrator.tiers import DEFAULT_POLICIES, TIER_ORDER, Tier, TierPolicy
+
+BUILTIN_IMPORTS: tuple[str, ...] = ("workers.kinds.basic",)
+EMBEDDED_SOCKET = "redis.sock"
+
+
+def _default_state_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "orchestrator"
+
+
+class Settings(BaseModel):
+    """Configuration of one deployment: where its database and broker live, and tier policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    imports: tuple[str, ...] = ()
+    state_dir: Path
+    model_dir: Path
+    tiers: dict[Tier, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    visibility_timeout_s: float = Field(default=4 * 3600, gt=0)
+    unacked_restore_s: float = Field(default=10, gt=0)
+    result_wait_poll_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_tasks(self) -> Settings:
+        longest = max(policy.time_limit_s for policy in self.tiers.values())
+        if self.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s:g}) must be longer than the "
+                f"longest tier time limit ({longest:g}s), or Redis redelivers running tasks"
+            )
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``ORCH_*`` variables.
+
+        Tier policy fields are overridden one by one as ``ORCH_TIER_<TIER>_<FIELD>``, e.g.
+        ``ORCH_TIER_INTERACTIVE_LEASE_S=10``.
+
+        Raises:
+            ConfigurationError: a variable is malformed or settings contradict each other.
+        """
+        env = os.environ if env is None else env
+        known = {
+            "ORCH_DATABASE_URL", "ORCH_BROKER_URL", "ORCH_IMPORTS", "ORCH_STATE_DIR",
+            "ORCH_MODEL_DIR", "ORCH_VISIBILITY_TIMEOUT_S", "ORCH_UNACKED_RESTORE_S",
+            "ORCH_RESULT_WAIT_POLL_S",
+        }
+        tier_fields = set(TierPolicy.model_fields)
+        overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
+        for name, value in env.items():
+            if not name.startswith("ORCH_") or name in known:
+                continue
+            parsed = _parse_tier_var(name, tier_fields)
+            if parsed is None:
+                raise ConfigurationError(f"unknown setting {name}; see the README's table")
+            overrides[parsed[0]][parsed[1]] = value
+        state_dir = Path(env.get("ORCH_STATE_DIR") or _default_state_dir(env)).expanduser()
+        raw: dict[str, object] = {
+            "database_url": env.get("ORCH_DATABASE_URL") or None,
+            "broker_url": env.get("ORCH_BROKER_URL") or None,
+            "imports": tuple(m.strip() for m in env.get("ORCH_IMPORTS", "").split(",") if m.strip()),
+            "state_dir": state_dir,
+            "model_dir": Path(env.get("ORCH_MODEL_DIR") or state_dir / "models").expanduser(),
+        }
+        for key, var in (
+            ("visibility_timeout_s", "ORCH_VISIBILITY_TIMEOUT_S"),
+            ("unacked_restore_s", "ORCH_UNACKED_RESTORE_S"),
+            ("result_wait_poll_s", "ORCH_RESULT_WAIT_POLL_S"),
+        ):
+            if env.get(var):
+                raw[key] = env[var]
+        try:
+            raw["tiers"] = {
+                tier: DEFAULT_POLICIES[tier].model_validate(
+                    {**DEFAULT_POLICIES[tier].model_dump(), **fields}
+                )
+                for tier, fields in overrides.items()
+            }
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigurationError(f"invalid settings: {e}") from e
+
+    # --- derived -----------------------------------------------------------------------------
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when the private Redis under the state dir is the broker."""
+        return self.broker_url is None
+
+    @property
+    def embedded_socket(self) -> Path:
+        return self.state_dir / EMBEDDED_SOCKET
+
+    def resolved_database_url(self) -> str:
+        """The database URL, or the embedded SQLite file under the state dir."""
+        return self.database_url or f"sqlite:///{self.state_dir / 'orchestrator.db'}"
+
+    def resolved_broker_url(self) -> str:
+        """The broker URL in kombu's spelling, or the embedded Redis socket."""
+        return self.broker_url or f"redis+socket://{self.embedded_socket}"
+
+    def redis_url(self) -> str:
+        """The broker's Redis in redis-py's spelling (used for signals and counters)."""
+        url = self.resolved_broker_url()
+        if url.startswith("redis+socket://"):
+            return "unix://" + url.removeprefix("redis+socket://")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(f"the broker must be Redis; got {url!r}")
+        return url
+
+    def all_imports(self) -> tuple[str, ...]:
+        """Modules that declare job kinds: the built-ins, then ``ORCH_IMPORTS``."""
+        return tuple(dict.fromkeys((*BUILTIN_IMPORTS, *self.imports)))
+
+    def policy(self, tier: Tier) -> TierPolicy:
+        return self.tiers[tier]
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that rebuilds these settings in a child process."""
+        env = {
+            "ORCH_STATE_DIR": str(self.state_dir),
+            "ORCH_MODEL_DIR": str(self.model_dir),
+            "ORCH_VISIBILITY_TIMEOUT_S": repr(self.visibility_timeout_s),
+            "ORCH_UNACKED_RESTORE_S": repr(self.unacked_restore_s),
+            "ORCH_RESULT_WAIT_POLL_S": repr(self.result_wait_poll_s),
+        }
+        if self.database_url:
+            env["ORCH_DATABASE_URL"] = self.database_url
+        if self.broker_url:
+            env["ORCH_BROKER_URL"] = self.broker_url
+        if self.imports:
+            env["ORCH_IMPORTS"] = ",".join(self.imports)
+        for tier, policy in self.tiers.items():
+            default = DEFAULT_POLICIES[tier]
+            for field, value in policy.model_dump().items():
+                if value != getattr(default, field):
+                    env[f"ORCH_TIER_{tier.name}_{field.upper()}"] = str(value)
+        return env
+
+
+def _parse_tier_var(name: str, fields: set[str]) -> tuple[Tier, str] | None:
+    for tier in TIER_ORDER:
+        prefix = f"ORCH_TIER_{tier.name}_"
+        if name.startswith(prefix):
+            field = name.removeprefix(prefix).lower()
+            return (tier, field) if field in fields else None
+    return None

@@ -1,0 +1,98 @@
+"""The three QoS tiers and the policy attached to each.
+
+A tier is both a Celery queue and a band of message priorities. On the Redis transport kombu
+keeps one list per (queue, priority step) and BRPOPs them ordered *by priority step first, then
+by queue order*; a message published without a priority lands in step 0, the best one. So every
+message we publish carries its tier's priority explicitly, and the tier's priorities increase
+(get worse) from interactive to offline: step order and queue order then agree, and a free slot
+always takes interactive before nearline before offline.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Tier(StrEnum):
+    """A quality-of-service tier; its value is also its Celery queue name."""
+
+    INTERACTIVE = "interactive"
+    NEARLINE = "nearline"
+    OFFLINE = "offline"
+
+    @property
+    def rank(self) -> int:
+        """0 for the most urgent tier."""
+        return TIER_ORDER.index(self)
+
+
+TIER_ORDER: tuple[Tier, ...] = (Tier.INTERACTIVE, Tier.NEARLINE, Tier.OFFLINE)
+
+#: kombu's Redis priority steps: lower is served first. Each tier owns one step.
+PRIORITY_STEPS: list[int] = [0, 3, 6, 9]
+
+
+class TierPolicy(BaseModel):
+    """What a tier promises and how its work is run.
+
+    ``time_limit_s`` is the hard limit of one execution; ``lease_s`` is how long a claim on a
+    job stays valid without a heartbeat (renewed every third of it while the job runs).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    priority: int = Field(ge=0, le=9)
+    time_limit_s: float = Field(gt=0)
+    lease_s: float = Field(gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    backoff_max_s: float = Field(default=300.0, ge=0)
+    max_batch_size: int = Field(default=1, ge=1)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _priority_is_a_step(self) -> TierPolicy:
+        if self.priority not in PRIORITY_STEPS:
+            raise ValueError(f"priority must be one of kombu's steps {PRIORITY_STEPS}")
+        return self
+
+
+DEFAULT_POLICIES: dict[Tier, TierPolicy] = {
+    Tier.INTERACTIVE: TierPolicy(
+        priority=0, time_limit_s=60, lease_s=30, max_attempts=3,
+        backoff_base_s=0.2, backoff_max_s=5, max_batch_size=16, max_queue_delay_ms=10,
+    ),
+    Tier.NEARLINE: TierPolicy(
+        priority=3, time_limit_s=900, lease_s=60, max_attempts=5,
+        backoff_base_s=2, backoff_max_s=120, max_batch_size=64, max_queue_delay_ms=500,
+    ),
+    Tier.OFFLINE: TierPolicy(
+        priority=6, time_limit_s=7200, lease_s=120, max_attempts=8,
+        backoff_base_s=10, backoff_max_s=900, max_batch_size=256, max_queue_delay_ms=5000,
+    ),
+}
+
+
+def parse_tiers(text: str) -> list[Tier]:
+    """Parse a comma-separated tier list, keeping its order.
+
+    Raises:
+        ValueError: a name is not a tier or appears twice.
+    """
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError("no tier given; choose from interactive, nearline, offline")
+    tiers: list[Tier] = []
+    for name in names:
+        try:
+            tier = Tier(name)
+        except ValueError:
+            raise ValueError(
+                f"unknown tier {name!r}; choose from interactive, nearline, offline"
+            ) from None
+        if tier in tiers:
+            raise ValueError(f"tier {name!r} given twice")
+        tiers.append(tier)
+    return tiers

@@ -1,0 +1,1 @@
+"""The data plane: the worker runtime and the job kinds it runs."""

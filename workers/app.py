@@ -1,0 +1,96 @@
+"""The worker process: a Celery worker whose one task hands job ids to the ``Runtime``.
+
+Process resources follow the worker lifecycle: each pool process opens its own database
+engine and Redis pool in ``worker_process_init`` and closes them at ``worker_process_shutdown``.
+All Celery signal handlers are connected here, in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from orchestrator.broker import RUN_TASK, make_celery
+from orchestrator.embedded import EmbeddedRedis
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from orchestrator.tiers import Tier
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class _ProcessRuntime:
+    """Holds the runtime of the current pool process."""
+
+    def __init__(self, settings: Settings, worker_name: str) -> None:
+        self.settings = settings
+        self.worker_name = worker_name
+        self.runtime: Runtime | None = None
+
+    def start(self, **_: Any) -> None:
+        # The parent's connections must not be shared across fork: open fresh ones.
+        services = Services.open(self.settings.model_copy(), kinds=None)
+        self.runtime = Runtime(services, worker=f"{self.worker_name}:{os.getpid()}")
+
+    def stop(self, **_: Any) -> None:
+        if self.runtime is not None:
+            # Detaching from the embedded Redis is the parent's job; children only disconnect.
+            self.runtime.services.embedded = None
+            self.runtime.close()
+            self.runtime = None
+
+    def get(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError("worker process was not initialised (worker_process_init)")
+        return self.runtime
+
+
+def make_worker_app(settings: Settings, *, worker_name: str | None = None) -> Celery:
+    """A Celery app with the job task bound and the process lifecycle connected."""
+    app = make_celery(settings, name="orchestrator-worker")
+    holder = _ProcessRuntime(settings, worker_name or socket.gethostname())
+
+    @app.task(name=RUN_TASK, bind=True, ignore_result=True)
+    def run(self: Task, job_id: str) -> None:
+        holder.get().execute(job_id)
+
+    worker_process_init.connect(holder.start, weak=False)
+    worker_process_shutdown.connect(holder.stop, weak=False)
+    return app
+
+
+def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
+               loglevel: str = "INFO", hostname: str | None = None) -> int:
+    """Run a worker serving ``tiers`` in that order until it is told to stop; return its code.
+
+    A free slot takes a message from the first listed tier that has one (and, within Redis,
+    from the best priority step first; each tier owns one step, so the orders agree).
+    """
+    embedded = EmbeddedRedis(settings.state_dir) if settings.embedded_broker else None
+    if embedded is not None:
+        embedded.attach()
+    name = hostname or f"{'-'.join(t.value for t in tiers)}@{socket.gethostname()}"
+    try:
+        app = make_worker_app(settings, worker_name=name)
+        worker = app.Worker(
+            queues=[tier.value for tier in tiers],
+            concurrency=concurrency,
+            pool="prefork",
+            hostname=name,
+            loglevel=loglevel,
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+            optimization="fair",
+        )
+        worker.start()
+        return int(worker.exitcode or 0)
+    finally:
+        if embedded is not None:
+            embedded.detach()
