@@ -1,0 +1,167 @@
+"""The client's contract, on SQLite and on PostgreSQL, against the real Redis."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from orchestrator import (
+    Client,
+    InvalidOption,
+    InvalidPayload,
+    JobCancelled,
+    JobNotFound,
+    JobTimeout,
+    UnknownKind,
+)
+from orchestrator.db.models import attempts, jobs, tenants
+from orchestrator.errors import ServiceUnavailable
+from orchestrator.settings import Settings
+
+
+def _queued_messages(r: redis.Redis) -> int:
+    return sum(r.llen(k) for k in r.keys("*") if r.type(k) == b"list")
+
+
+def _job_rows(client: Client) -> int:
+    with client.services.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(jobs)).scalar_one()
+
+
+def test_submit_stores_a_queued_job_and_publishes_one_message(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    handle = client.submit("echo", {"hello": "world"}, tenant="acme")
+    job = handle.job()
+    assert (job.kind, job.tier, job.tenant, job.state) == ("echo", "interactive", "acme", "queued")
+    assert job.payload == {"hello": "world"}
+    assert job.attempts == 0 and job.max_attempts == 3
+    assert handle.status() == "queued"
+    assert _queued_messages(redis_client) == 1
+
+
+def test_tier_none_takes_the_kinds_default_and_an_explicit_tier_wins(client: Client) -> None:
+    assert client.submit("burn", {"ms": 1}).job().tier == "nearline"
+    assert client.submit("burn", {"ms": 1}, tier="offline").job().tier == "offline"
+
+
+def test_same_idempotency_key_from_20_threads_creates_one_job(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    barrier = threading.Barrier(20)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            barrier.wait()
+            ids.append(client.submit("echo", {"n": 1}, tenant="t1", idempotency_key="k-1").id)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(ids) == 20 and len(set(ids)) == 1
+    assert _job_rows(client) == 1
+    assert _queued_messages(redis_client) == 1
+
+
+def test_idempotency_key_is_per_tenant(client: Client) -> None:
+    a = client.submit("echo", {}, tenant="a", idempotency_key="same")
+    b = client.submit("echo", {}, tenant="b", idempotency_key="same")
+    again = client.submit("echo", {"other": True}, tenant="a", idempotency_key="same")
+    assert a.id != b.id
+    assert again.id == a.id and again.created is False
+
+
+def test_invalid_payload_is_refused_field_by_field_and_leaves_nothing(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(InvalidPayload) as info:
+        client.submit("burn", {"ms": "lots", "colour": "red"})
+    fields = {tuple(err["loc"]) for err in info.value.errors}
+    assert fields == {("ms",), ("colour",)}
+    assert "ms:" in str(info.value) and "colour:" in str(info.value)
+    with pytest.raises(InvalidPayload, match="JSON object"):
+        client.submit("echo", ["not", "an", "object"])  # type: ignore[arg-type]
+    assert _job_rows(client) == 0
+    assert _queued_messages(redis_client) == 0
+
+
+def test_unknown_kind_and_bad_options_are_typed_errors_that_leave_nothing(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(UnknownKind, match="'embedd'.*declared kinds: .*echo"):
+        client.submit("embedd", {})
+    with pytest.raises(InvalidOption, match="unknown tier"):
+        client.submit("echo", {}, tier="urgent")
+    with pytest.raises(InvalidOption, match="invalid tenant"):
+        client.submit("echo", {}, tenant="no spaces please")
+    with pytest.raises(InvalidOption, match="idempotency_key"):
+        client.submit("echo", {}, idempotency_key="")
+    with pytest.raises(InvalidOption, match="already past"):
+        client.submit("echo", {}, deadline=datetime.now(UTC) - timedelta(seconds=1))
+    with pytest.raises(InvalidOption, match="timezone-aware"):
+        client.submit("echo", {}, deadline=datetime.now() + timedelta(hours=1))
+    assert _job_rows(client) == 0
+    assert _queued_messages(redis_client) == 0
+    with client.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(tenants)).scalar_one() == 0
+
+
+def test_submit_with_the_broker_down_is_refused_and_keeps_no_row(
+    settings: Settings, database_url: str
+) -> None:
+    dead = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with Client.from_settings(settings) as healthy:
+        services = healthy.services
+        from orchestrator.broker import make_celery
+
+        services.celery = make_celery(dead)
+        services.celery.conf.broker_connection_max_retries = 0
+        services.celery.conf.broker_transport_options = {
+            **services.celery.conf.broker_transport_options, "max_retries": 0,
+        }
+        with pytest.raises(ServiceUnavailable, match="nothing was kept"):
+            healthy.submit("echo", {"x": 1}, idempotency_key="k")
+        assert _job_rows(healthy) == 0
+
+
+def test_cancel_a_queued_job_then_result_raises_cancelled(client: Client) -> None:
+    handle = client.submit("echo", {"x": 1})
+    assert handle.cancel() is True
+    assert handle.status() == "cancelled"
+    assert handle.cancel() is False
+    with pytest.raises(JobCancelled):
+        handle.result(timeout=1)
+
+
+def test_unknown_job_id_raises_not_found(client: Client) -> None:
+    with pytest.raises(JobNotFound):
+        client.get("no-such-job")
+    with pytest.raises(JobNotFound):
+        client.cancel("no-such-job")
+    with pytest.raises(JobNotFound):
+        client.wait(["no-such-job"], timeout=1)
+
+
+def test_waiting_on_a_job_nobody_runs_times_out_with_its_state(client: Client) -> None:
+    handle = client.submit("echo", {})
+    with pytest.raises(JobTimeout) as info:
+        handle.result(timeout=0.3)
+    assert info.value.state == "queued" and info.value.job_id == handle.id
+    assert isinstance(info.value, TimeoutError)
+
+
+def test_no_attempt_rows_before_a_worker_claims(client: Client) -> None:
+    client.submit("echo", {})
+    with client.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(attempts)).scalar_one() == 0
