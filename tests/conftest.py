@@ -11,10 +11,6 @@ Under ``CI=true`` nothing skips for a missing service: the fixture fails instead
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +23,7 @@ from orchestrator.client import Client
 from orchestrator.db.engine import make_engine
 from orchestrator.db.migrate import upgrade
 from orchestrator.embedded import EmbeddedRedis
+from orchestrator.local import LocalWorker
 from orchestrator.settings import Settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -165,46 +162,7 @@ def client(settings: Settings) -> Iterator[Client]:
     c.close()
 
 
-class WorkerProcess:
-    """A real ``orchestrator worker`` in its own process group."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, name: str) -> None:
-        self.proc = proc
-        self.log = log
-        self.name = name
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while "ready." not in self.output():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after {timeout}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in out.stdout.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker: main process and pool, no chance to clean up."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+WorkerProcess = LocalWorker
 
 
 @pytest.fixture
@@ -212,23 +170,13 @@ def start_worker(settings: Settings, tmp_path: Path
                  ) -> Iterator[Callable[..., WorkerProcess]]:
     """Start real worker processes with the test settings; all are stopped after the test."""
     started: list[WorkerProcess] = []
-    root = Path(__file__).resolve().parent.parent
 
     def start(tiers: str = "interactive,nearline,offline", concurrency: int = 1,
               ready: bool = True, **extra_env: str) -> WorkerProcess:
-        log = tmp_path / f"worker-{len(started)}.log"
-        name = f"w{len(started)}-{uuid.uuid4().hex[:6]}@test"
-        env = {**os.environ, **settings.to_env(), **extra_env,
-               "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
-        with open(log, "wb") as sink:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", "worker", "--tiers", tiers,
-                 "--concurrency", str(concurrency), "--loglevel", "INFO",
-                 "--hostname", name],
-                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=root,
-                start_new_session=True,
-            )
-        worker = WorkerProcess(proc, log, name)
+        n = len(started)
+        worker = LocalWorker(settings, tiers=tiers, concurrency=concurrency,
+                             name=f"w{n}-{uuid.uuid4().hex[:6]}@test",
+                             log=tmp_path / f"worker-{n}.log", extra_env=extra_env)
         started.append(worker)
         if ready:
             worker.wait_ready()

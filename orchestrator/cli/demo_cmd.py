@@ -5,6 +5,8 @@ from __future__ import annotations
 
 def demo() -> None:
     """Run the whole system on the embedded default and print a summary."""
+    import typer
+
     from orchestrator.demo import run_demo
 
-    run_demo()
+    raise typer.Exit(run_demo())

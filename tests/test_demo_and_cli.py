@@ -1,0 +1,100 @@
+"""The README's first command, and the admin CLI, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=full_env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.e2e
+def test_demo_runs_the_whole_system_on_the_embedded_default_and_cleans_up(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    done = _cli("demo", env={"ORCH_STATE_DIR": str(state), "COLUMNS": "120"}, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every job ended as expected" in done.stdout
+    for tier in ("interactive", "nearline", "offline"):
+        assert tier in done.stdout
+    assert (state / "orchestrator.db").exists()
+    # The private Redis was stopped by the last process that used it.
+    assert not (state / "redis.sock").exists()
+    listed = _cli("jobs", "list", "--json", "--limit", "500", env={"ORCH_STATE_DIR": str(state)})
+    assert listed.returncode == 0, listed.stderr
+    jobs = json.loads(listed.stdout)
+    assert len(jobs) == 137
+    assert {j["tenant"] for j in jobs} == {"acme", "globex", "initech"}
+
+
+def _env_for(client: Client) -> dict[str, str]:
+    return client.settings.to_env()
+
+
+def test_jobs_list_and_show_report_state_attempts_and_cost_columns(client: Client) -> None:
+    from orchestrator.services import Services
+    from workers.runtime import Runtime
+
+    handle = client.submit("burn", {"ms": 5, "fail_attempts": 1}, tenant="acme")
+    other = client.submit("echo", {"x": 1}, tenant="globex", tier="offline")
+    runtime = Runtime(Services.open(client.settings), worker="cli-test")
+    try:
+        runtime.execute(handle.id)
+        runtime.execute(handle.id)
+    finally:
+        runtime.close()
+    env = _env_for(client)
+    shown = _cli("jobs", "show", handle.id, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["state"] == "succeeded" and data["attempts"] == 2
+    assert [a["outcome"] for a in data["attempt_log"]] == ["retry", "succeeded"]
+    for column in ("queue_seconds", "cpu_seconds", "wall_seconds", "items", "cost"):
+        assert column in data
+    human = _cli("jobs", "show", handle.id, env={**env, "COLUMNS": "200"})
+    assert human.returncode == 0 and "attempts" in human.stdout and "retry" in human.stdout
+    listed = _cli("jobs", "list", "--tenant", "globex", "--json", env=env)
+    assert [j["id"] for j in json.loads(listed.stdout)] == [other.id]
+    queued = _cli("jobs", "list", "--state", "queued", "--tier", "offline", "--json", env=env)
+    assert [j["id"] for j in json.loads(queued.stdout)] == [other.id]
+
+
+def test_cli_errors_are_one_line_and_exit_non_zero(client: Client) -> None:
+    env = _env_for(client)
+    missing = _cli("jobs", "show", "nope", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: no job with id 'nope'"
+    bad_state = _cli("jobs", "list", "--state", "sleeping", env=env)
+    assert bad_state.returncode == 1 and "unknown state 'sleeping'" in bad_state.stderr
+    bad_tier = _cli("worker", "--tiers", "interactive,urgent", env=env)
+    assert bad_tier.returncode == 1 and "unknown tier 'urgent'" in bad_tier.stderr
+    bad_setting = _cli("jobs", "list", env={**env, "ORCH_TIER_OFFLINE_LEASE": "3"})
+    assert bad_setting.returncode == 1 and "unknown setting ORCH_TIER_OFFLINE_LEASE" in (
+        bad_setting.stderr)
+
+
+def test_db_upgrade_migrates_a_new_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    done = _cli("db", "upgrade", env={"ORCH_DATABASE_URL": url,
+                                      "ORCH_STATE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "revision 0001" in done.stdout
+    current = _cli("db", "current", env={"ORCH_DATABASE_URL": url,
+                                         "ORCH_STATE_DIR": str(tmp_path)})
+    assert "current: 0001" in current.stdout

@@ -1,0 +1,100 @@
+"""Migrations build exactly the models' schema; settings come from the environment, typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from orchestrator.db.engine import make_engine, normalize_url
+from orchestrator.db.migrate import current_revision, downgrade, head_revision, upgrade
+from orchestrator.db.models import Base
+from orchestrator.errors import ConfigurationError
+from orchestrator.settings import Settings
+from orchestrator.tiers import Tier
+
+
+def test_migrated_schema_matches_the_models(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == []
+        assert current_revision(engine) == head_revision()
+        tables = set(inspect(engine).get_table_names())
+        assert {"jobs", "attempts", "tenants", "alembic_version"} <= tables
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_then_upgrade_round_trips(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    downgrade(url, "base")
+    engine = make_engine(url)
+    try:
+        assert "jobs" not in inspect(engine).get_table_names()
+        upgrade(url)
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_embedded_default_when_no_urls_are_set(tmp_path: Path) -> None:
+    s = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path)})
+    assert s.embedded_broker
+    assert s.resolved_database_url() == f"sqlite:///{tmp_path / 'orchestrator.db'}"
+    assert s.resolved_broker_url() == f"redis+socket://{tmp_path / 'redis.sock'}"
+    assert s.redis_url() == f"unix://{tmp_path / 'redis.sock'}"
+    assert s.model_dir == tmp_path / "models"
+    assert s.all_imports()[0] == "workers.kinds.basic"
+
+
+def test_tier_policy_overrides_and_round_trip_through_the_environment(tmp_path: Path) -> None:
+    s = Settings.from_env({
+        "ORCH_STATE_DIR": str(tmp_path),
+        "ORCH_DATABASE_URL": "postgresql://u@db/x",
+        "ORCH_BROKER_URL": "redis://r:6379/2",
+        "ORCH_IMPORTS": "a.kinds, b.kinds",
+        "ORCH_TIER_INTERACTIVE_LEASE_S": "7.5",
+        "ORCH_TIER_OFFLINE_MAX_ATTEMPTS": "2",
+    })
+    assert s.policy(Tier.INTERACTIVE).lease_s == 7.5
+    assert s.policy(Tier.OFFLINE).max_attempts == 2
+    assert s.imports == ("a.kinds", "b.kinds")
+    assert Settings.from_env(s.to_env()) == s
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ORCH_DATABSE_URL": "x"}, "unknown setting ORCH_DATABSE_URL"),
+        ({"ORCH_TIER_NEARLINE_PRIORITY": "4"}, "priority must be one of"),
+        ({"ORCH_TIER_OFFLINE_LEASE_S": "-1"}, "lease_s"),
+        ({"ORCH_TIER_BATCH_LEASE_S": "1"}, "unknown setting"),
+        ({"ORCH_VISIBILITY_TIMEOUT_S": "soon"}, "visibility_timeout_s"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_variable_named(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_env({"ORCH_STATE_DIR": str(tmp_path), **env})
+
+
+def test_database_urls_are_normalised_or_refused() -> None:
+    assert normalize_url("postgresql://u@h/db").startswith("postgresql+psycopg://")
+    assert normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(ConfigurationError, match="unsupported database"):
+        normalize_url("mysql://u@h/db")
+    with pytest.raises(ConfigurationError, match="does not parse"):
+        normalize_url("::::")
+
+
+def test_a_broker_that_is_not_redis_is_refused(tmp_path: Path) -> None:
+    s = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path), "ORCH_BROKER_URL": "amqp://h//"})
+    with pytest.raises(ConfigurationError, match="must be Redis"):
+        s.redis_url()
