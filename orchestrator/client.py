@@ -18,11 +18,13 @@ from types import TracebackType
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import BaseModel
 from redis import RedisError
 
+from orchestrator.batching import Buffers
 from orchestrator.broker import publish
 from orchestrator.db.models import JobState
-from orchestrator.db.store import AttemptView, JobView, NewJob
+from orchestrator.db.store import AttemptView, JobView, NewJob, utcnow
 from orchestrator.errors import (
     InvalidOption,
     JobCancelled,
@@ -31,6 +33,7 @@ from orchestrator.errors import (
     JobTimeout,
     ServiceUnavailable,
 )
+from orchestrator.kinds import KindSpec
 from orchestrator.services import Services, done_channel
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -79,6 +82,8 @@ class Client:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.settings = services.settings
+        self._buffers = Buffers(services.redis, services.celery,
+                                processing_ttl_s=services.settings.visibility_timeout_s)
 
     @classmethod
     def from_env(cls) -> Client:
@@ -141,16 +146,34 @@ class Client:
             idempotency_key=idempotency_key, deadline=due,
         )
         store = self.services.store
-        job_id, created = store.create(new)
+        now = utcnow()
+        job_id, created = store.create(new, now=now)
         if created:
             try:
-                publish(self.services.celery, job_id, chosen, policy.priority,
-                        time_limit=policy.time_limit_s)
+                if spec.batch is not None:
+                    self._buffers.push(
+                        tier=chosen, kind=kind, key=spec.batch_key(model),
+                        priority=policy.priority, job_id=job_id, enqueued_at=now,
+                        max_batch=spec.batch.size(policy), delay_ms=spec.batch.delay_ms(policy),
+                    )
+                else:
+                    publish(self.services.celery, job_id, chosen, policy.priority,
+                            time_limit=policy.time_limit_s)
             except (KombuOperationalError, RedisError, OSError) as e:
-                store.delete_unpublished(job_id)
+                self._withdraw(spec, model, chosen, job_id, now)
                 raise ServiceUnavailable(f"broker refused the job, nothing was kept: {e}") from e
             log.debug("submitted job %s kind=%s tier=%s tenant=%s", job_id, kind, chosen, tenant)
         return JobHandle(self, job_id, created=created)
+
+    def _withdraw(self, spec: KindSpec, model: BaseModel, tier: Tier, job_id: str,
+                  enqueued_at: datetime) -> None:
+        if spec.batch is not None:
+            try:
+                self._buffers.remove(tier=tier, kind=spec.name, key=spec.batch_key(model),
+                                     job_id=job_id, enqueued_at=enqueued_at)
+            except RedisError:
+                log.warning("job %s: could not take it back from its buffer", job_id)
+        self.services.store.delete_unpublished(job_id)
 
     # --- follow ------------------------------------------------------------------------------
 

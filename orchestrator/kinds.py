@@ -51,8 +51,43 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class BatchPolicy:
+    """Declares a kind as batchable: small jobs of it are coalesced into one call.
+
+    ``None`` sizes fall back to the tier's ``max_batch_size`` / ``max_queue_delay_ms``.
+    ``key`` names the part of a payload that must match for two jobs to share a batch (for
+    example the model); jobs are coalesced per (kind, key, tier). ``bulk_field`` is the payload
+    list that ``submit_bulk`` fills with a chunk of items.
+    """
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    key: Callable[[Any], str] | None = None
+    bulk_field: str | None = None
+    chunk_size: int = 1024
+
+    def size(self, tier: TierPolicy) -> int:
+        return self.max_batch_size or tier.max_batch_size
+
+    def delay_ms(self, tier: TierPolicy) -> float:
+        return tier.max_queue_delay_ms if self.max_queue_delay_ms is None \
+            else self.max_queue_delay_ms
+
+
+@dataclass
+class BatchShare:
+    """Set by a batch kind to say how the call's CPU is shared (e.g. tokens per job)."""
+
+    weights: list[float] | None = None
+
+
+@dataclass(frozen=True)
 class JobContext:
-    """What a running kind may know about its job; passed as the second argument."""
+    """What a running kind may know about its job(s); passed as the second argument.
+
+    For a batch kind, ``job_id`` and ``attempt`` are those of the first job of the batch;
+    ``batch_ids`` lists all of them in payload order.
+    """
 
     job_id: str
     tenant: str
@@ -62,6 +97,9 @@ class JobContext:
     queued_at: datetime | None
     worker: str
     log: logging.LoggerAdapter[logging.Logger]
+    resources: Any = None
+    batch_ids: tuple[str, ...] = ()
+    share: BatchShare = field(default_factory=BatchShare)
 
 
 @dataclass(frozen=True)
@@ -75,6 +113,14 @@ class KindSpec:
     retry: RetryPolicy
     description: str = ""
     module: str = field(default="")
+    batch: BatchPolicy | None = None
+    setup: Callable[[Any], Any] | None = None
+
+    def batch_key(self, model: BaseModel) -> str:
+        """The coalescing key of a validated payload ("-" when the kind has none)."""
+        if self.batch is None or self.batch.key is None:
+            return "-"
+        return str(self.batch.key(model))
 
     def validate(self, payload: Any) -> BaseModel:
         """Check a payload against the schema.
@@ -112,8 +158,15 @@ class KindRegistry:
         max_attempts: int | None = None,
         backoff_base_s: float | None = None,
         backoff_max_s: float | None = None,
+        batch: BatchPolicy | None = None,
+        setup: Callable[[Any], Any] | None = None,
     ) -> Callable[[KindFn], KindFn]:
         """Declare a job kind.
+
+        A plain kind is ``fn(payload, ctx) -> result``. A batch kind (``batch=BatchPolicy()``)
+        is ``fn(payloads, ctx) -> results``: one result per payload, in order; an item may be
+        an exception instance to fail that job alone. ``setup(settings)`` runs once per worker
+        process (models, sessions) and its value is ``ctx.resources``.
 
         Raises:
             ConfigurationError: the name is taken, the tier is unknown or the schema is not a
@@ -135,6 +188,7 @@ class KindRegistry:
             spec = KindSpec(
                 name=name, fn=fn, schema=schema, tier=tier, retry=retry,
                 description=(fn.__doc__ or "").strip().split("\n")[0], module=fn.__module__,
+                batch=batch, setup=setup,
             )
             with self._lock:
                 existing = self._kinds.get(name)
@@ -161,6 +215,9 @@ class KindRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._kinds)
+
+    def specs(self) -> list[KindSpec]:
+        return [self._kinds[name] for name in sorted(self._kinds)]
 
     def load(self, modules: Iterable[str]) -> KindRegistry:
         """Import the modules that declare kinds.

@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from orchestrator.batching import BATCH_TASK
 from orchestrator.broker import RUN_TASK, make_celery
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.services import Services
@@ -37,6 +38,7 @@ class _ProcessRuntime:
         # The parent's connections must not be shared across fork: open fresh ones.
         services = Services.open(self.settings.model_copy(), kinds=None)
         self.runtime = Runtime(services, worker=f"{self.worker_name}:{os.getpid()}")
+        self.runtime.setup_kinds()
 
     def stop(self, **_: Any) -> None:
         if self.runtime is not None:
@@ -59,6 +61,11 @@ def make_worker_app(settings: Settings, *, worker_name: str | None = None) -> Ce
     @app.task(name=RUN_TASK, bind=True, ignore_result=True)
     def run(self: Task, job_id: str) -> None:
         holder.get().execute(job_id)
+
+    @app.task(name=BATCH_TASK, bind=True, ignore_result=True)
+    def run_batch(self: Task, kind: str, key: str, tier: str) -> None:
+        # The message id names the batch's processing list: a redelivery finds the same jobs.
+        holder.get().execute_batch(kind, key, tier, str(self.request.id))
 
     worker_process_init.connect(holder.start, weak=False)
     worker_process_shutdown.connect(holder.stop, weak=False)

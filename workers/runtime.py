@@ -1,31 +1,34 @@
 """Around every execution: claim, run, account, finish, each step a compare-and-set.
 
-One ``Runtime`` lives in each worker process (made at process start, closed at shutdown). The
-Celery task only hands it a job id; what happens next is decided by the job's row.
+One ``Runtime`` lives in each worker process (made at process start, closed at shutdown). A
+Celery task hands it either one job id (``orchestrator.run``) or a batch trigger
+(``orchestrator.batch``); either way the jobs are claimed together, run together, and finished
+with one transaction, so the database is written once per batch, not once per item.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import socket
-import threading
-import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from orchestrator.batching import Buffers, processing_key
 from orchestrator.broker import publish
 from orchestrator.db.models import JobState, Outcome
-from orchestrator.db.store import Claim, utcnow
+from orchestrator.db.store import Claim, Finish, utcnow
 from orchestrator.errors import PermanentError, SubmitError, UnknownKind
-from orchestrator.kinds import JobContext, KindSpec
+from orchestrator.kinds import KindSpec
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
+from workers.execution import Heartbeat, Outcomes, call_kind
+from workers.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -36,141 +39,154 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
     return step / 2 + rng.uniform(0, step / 2)
 
 
-class _Heartbeat:
-    """Renews a claim's lease every third of the lease while the kind runs."""
-
-    def __init__(self, runtime: Runtime, claim: Claim, lease_s: float) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(runtime, claim, lease_s), daemon=True,
-            name=f"lease-{claim.job_id[:8]}",
-        )
-        self.lost = False
-
-    def _run(self, runtime: Runtime, claim: Claim, lease_s: float) -> None:
-        while not self._stop.wait(lease_s / 3):
-            try:
-                if not runtime.services.store.renew_lease(claim, lease_s):
-                    self.lost = True
-                    return
-            except Exception:
-                log.warning("job %s: lease renewal failed", claim.job_id, exc_info=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class Runtime:
-    """Executes jobs by id inside one worker process."""
+    """Executes jobs inside one worker process."""
 
     def __init__(self, services: Services, *, worker: str | None = None) -> None:
         self.services = services
         self.settings: Settings = services.settings
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.buffers = Buffers(services.redis, services.celery,
+                               processing_ttl_s=self.settings.visibility_timeout_s)
+        self.results = ResultStore(self.settings.state_dir / "results")
+        self.resources: dict[str, Any] = {}
         self._rng = random.Random()
+        self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
+
+    def setup_kinds(self) -> None:
+        """Make each kind's process resources (model sessions, tokenizers) once."""
+        for spec in self.services.kinds.specs():
+            if spec.setup is not None and spec.name not in self.resources:
+                self.resources[spec.name] = spec.setup(self.settings)
 
     def close(self) -> None:
         self.services.close()
 
+    # --- entry points ------------------------------------------------------------------------
+
     def execute(self, job_id: str) -> str | None:
-        """Run one delivery of a job; return the state it left the job in (None: untouched)."""
-        store = self.services.store
-        leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
-        claim = store.claim(job_id, self.worker, leases)
-        if claim is None:
+        """Run one delivery of one job; return the state it left the job in (None: untouched)."""
+        claims = self.services.store.claim_many([job_id], self.worker, self._leases)
+        if not claims:
             return self._not_claimable(job_id)
-        policy = self.settings.policy(Tier(claim.tier))
-        if claim.took_over:
-            log.warning("job %s: took over from a lost worker (attempt %d)", job_id, claim.attempt)
-        try:
-            spec = self.services.kinds.get(claim.kind)
-            model = spec.validate(claim.payload)
-        except (UnknownKind, SubmitError) as e:
-            return self._end(claim, JobState.FAILED, Outcome.FAILED, 0.0, 0.0, error=str(e))
-        if claim.deadline is not None and claim.started_at > claim.deadline:
-            return self._end(claim, JobState.FAILED, Outcome.FAILED, 0.0, 0.0,
-                             error=f"deadline {claim.deadline.isoformat()} passed before the "
-                             "job could start")
-        return self._run(claim, spec, model, policy.lease_s)
+        return self._run_claims(claims).get(job_id)
 
-    def _run(self, claim: Claim, spec: KindSpec, model: Any, lease_s: float) -> str | None:
-        ctx = JobContext(
-            job_id=claim.job_id, tenant=claim.tenant, tier=Tier(claim.tier),
-            attempt=claim.attempt, max_attempts=claim.max_attempts, queued_at=claim.queued_at,
-            worker=self.worker,
-            log=logging.LoggerAdapter(logging.getLogger(spec.module), {"job_id": claim.job_id}),
-        )
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        error: BaseException | None = None
-        result: Any = None
-        with _Heartbeat(self, claim, lease_s):
+    def execute_batch(self, kind: str, key: str, tier: str, message_id: str) -> dict[str, str]:
+        """Run one batch trigger: take buffered jobs, run them as one call, finish them at once."""
+        spec = self.services.kinds.get(kind)
+        policy = self.settings.policy(Tier(tier))
+        size = spec.batch.size(policy) if spec.batch else policy.max_batch_size
+        delay = spec.batch.delay_ms(policy) if spec.batch else policy.max_queue_delay_ms
+        processing = processing_key(message_id)
+        taken = self.buffers.take(tier=Tier(tier), kind=kind, key=key, processing=processing,
+                                  max_batch=size, delay_ms=delay)
+        if taken.retrigger_in_s is not None:
+            # More is buffered than this batch takes: let another slot start on it now.
+            self.buffers.trigger(tier=Tier(tier), kind=kind, key=key, priority=policy.priority,
+                                 countdown=taken.retrigger_in_s, counted=True)
+        ids = [job_id for job_id, _ in taken.items]
+        claims = self.services.store.claim_many(ids, self.worker, self._leases)
+        claimed = {c.job_id for c in claims}
+        for job_id in ids:
+            if job_id not in claimed:
+                self._not_claimable(job_id)
+        states = self._run_claims(claims) if claims else {}
+        self.buffers.done(processing)
+        return {k: v for k, v in states.items() if v is not None}
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _run_claims(self, claims: Sequence[Claim]) -> dict[str, str | None]:
+        """Validate, run and finish claims of one kind; return each job's new state."""
+        outcomes = Outcomes()
+        runnable: list[tuple[Claim, Any]] = []
+        spec: KindSpec | None = None
+        for claim in claims:
+            if claim.took_over:
+                log.warning("job %s: took over from a lost worker (attempt %d)",
+                            claim.job_id, claim.attempt)
             try:
-                result = spec.fn(model, ctx)
-            except BaseException as e:  # noqa: BLE001 - every failure is recorded on the job
-                error = e
-            else:
-                try:
-                    json.dumps(result)
-                except (TypeError, ValueError) as e:
-                    error = PermanentError(f"result is not JSON-serialisable: {e}")
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        if error is None:
-            return self._end(claim, JobState.SUCCEEDED, Outcome.SUCCEEDED, cpu, wall,
-                             result=result, items=1)
-        if isinstance(error, KeyboardInterrupt | SystemExit):
-            raise error
-        return self._failed(claim, spec, error, cpu, wall)
+                spec = self.services.kinds.get(claim.kind)
+                model = spec.validate(claim.payload)
+            except (UnknownKind, SubmitError) as e:
+                outcomes.fail(claim, PermanentError(str(e)))
+                continue
+            if claim.deadline is not None and claim.started_at > claim.deadline:
+                outcomes.fail(claim, PermanentError(
+                    f"deadline {claim.deadline.isoformat()} passed before the job could start"))
+                continue
+            runnable.append((claim, model))
+        if runnable and spec is not None:
+            lease_s = self.settings.policy(Tier(runnable[0][0].tier)).lease_s
+            with Heartbeat(self.services.store, [c for c, _ in runnable], lease_s):
+                call_kind(spec, runnable, self.worker, self.resources.get(spec.name), outcomes)
+        return self._finish(outcomes)
 
-    def _failed(self, claim: Claim, spec: KindSpec, error: BaseException, cpu: float,
-                wall: float) -> str | None:
+    def _finish(self, outcomes: Outcomes) -> dict[str, str | None]:
+        finishes: list[Finish] = []
+        retries: list[tuple[Claim, float]] = []
+        for claim, result, error, cpu, wall in outcomes.items:
+            if error is None:
+                finishes.append(self._success(claim, result, cpu, wall))
+            else:
+                finish, delay = self._failure(claim, error, cpu, wall)
+                finishes.append(finish)
+                if delay is not None:
+                    retries.append((claim, delay))
+        owned = self.services.store.finish_many(finishes)
+        states: dict[str, str | None] = {}
+        for finish in finishes:
+            job_id = finish.claim.job_id
+            if job_id not in owned:
+                log.info("job %s: attempt %d no longer owns the job; its outcome is discarded",
+                         job_id, finish.claim.attempt)
+                states[job_id] = None
+                continue
+            states[job_id] = finish.state
+            if finish.state != JobState.QUEUED:
+                self.services.signal_done(job_id, finish.state)
+        for claim, delay in retries:
+            if claim.job_id in owned:
+                policy = self.settings.policy(Tier(claim.tier))
+                publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.priority,
+                        countdown=delay, time_limit=policy.time_limit_s)
+                log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
+                         claim.max_attempts, delay)
+        return states
+
+    def _success(self, claim: Claim, result: Any, cpu: float, wall: float) -> Finish:
+        items = len(result) if isinstance(result, list | tuple) or hasattr(result, "shape") else 1
+        ref = None
+        if claim.parent_id is not None:
+            ref = self.results.write_chunk(claim.parent_id, claim.job_id, result)
+            result = None
+        elif hasattr(result, "tolist"):
+            result = result.tolist()
+        return Finish(claim, state=JobState.SUCCEEDED, outcome=Outcome.SUCCEEDED,
+                      cpu_seconds=cpu, wall_seconds=wall, result=result, result_ref=ref,
+                      items=items)
+
+    def _failure(self, claim: Claim, error: BaseException, cpu: float, wall: float
+                 ) -> tuple[Finish, float | None]:
         message = f"{type(error).__name__}: {error}"
         if isinstance(error, PermanentError | SubmitError):
             log.info("job %s failed permanently: %s", claim.job_id, message)
-            return self._end(claim, JobState.FAILED, Outcome.FAILED, cpu, wall, error=message)
+            return Finish(claim, state=JobState.FAILED, outcome=Outcome.FAILED, cpu_seconds=cpu,
+                          wall_seconds=wall, error=message), None
         if isinstance(error, SoftTimeLimitExceeded):
             message = f"time limit of the {claim.tier} tier exceeded"
-        elif not isinstance(error, Exception):
-            raise error
-        else:
-            log.info("job %s attempt %d failed: %s", claim.job_id, claim.attempt, message,
-                     exc_info=not isinstance(error, PermanentError))
-        policy = self.settings.policy(Tier(claim.tier))
-        retry = spec.retry.resolve(policy)
+        log.info("job %s attempt %d failed: %s", claim.job_id, claim.attempt, message)
         if claim.attempt >= claim.max_attempts:
-            return self._end(claim, JobState.DEAD, Outcome.DEAD, cpu, wall,
-                             error=f"{message} (after {claim.attempt} attempts)")
+            return Finish(claim, state=JobState.DEAD, outcome=Outcome.DEAD, cpu_seconds=cpu,
+                          wall_seconds=wall,
+                          error=f"{message} (after {claim.attempt} attempts)"), None
+        spec = self.services.kinds.get(claim.kind)
+        retry = spec.retry.resolve(self.settings.policy(Tier(claim.tier)))
         delay = backoff_delay(claim.attempt, retry.backoff_base_s or 0.0,
                               retry.backoff_max_s or 0.0, self._rng)
-        requeue_at = utcnow() + timedelta(seconds=delay)
-        owned = self.services.store.finish(
-            claim, state=JobState.QUEUED, outcome=Outcome.RETRY, cpu_seconds=cpu,
-            wall_seconds=wall, error=message, requeue_at=requeue_at,
-        )
-        if owned:
-            publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.priority,
-                    countdown=delay, time_limit=policy.time_limit_s)
-            log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
-                     claim.max_attempts, delay)
-            return JobState.QUEUED
-        return None
-
-    def _end(self, claim: Claim, state: str, outcome: str, cpu: float, wall: float, *,
-             result: Any = None, error: str | None = None, items: int = 0) -> str | None:
-        owned = self.services.store.finish(
-            claim, state=state, outcome=outcome, cpu_seconds=cpu, wall_seconds=wall,
-            result=result, error=error, items=items,
-        )
-        if not owned:
-            log.info("job %s: attempt %d no longer owns the job; its outcome is discarded",
-                     claim.job_id, claim.attempt)
-            return None
-        self.services.signal_done(claim.job_id, state)
-        return state
+        return Finish(claim, state=JobState.QUEUED, outcome=Outcome.RETRY, cpu_seconds=cpu,
+                      wall_seconds=wall, error=message,
+                      requeue_at=utcnow() + timedelta(seconds=delay)), delay
 
     def _not_claimable(self, job_id: str) -> str | None:
         """A delivery we may not run: finished, cancelled, unknown, or held by a live lease."""
@@ -197,3 +213,4 @@ class Runtime:
                 countdown=remaining + 0.5, time_limit=policy.time_limit_s)
         log.info("job %s: running elsewhere; checking again in %.1fs", job_id, remaining + 0.5)
         return None
+

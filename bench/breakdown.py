@@ -1,0 +1,235 @@
+"""Where a job's time goes on the worker side, measured in-process against PostgreSQL.
+
+No Celery here: jobs are created with ``JobStore.create`` (and published, to time that too), then
+run one by one with ``Runtime.execute``, the exact code a pool process runs per message. Every
+SQL statement, COMMIT, pre-ping and rollback is timed through SQLAlchemy events and wrapped
+dialect methods, and the runtime's own steps (claim, finish, done signal) are timed around the
+calls. Then the same claim + finish pair is re-timed on engines configured differently, to put
+numbers on the cheap ways out (no pre-ping, asynchronous commit).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import re
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import redis
+from sqlalchemy import Engine, create_engine, event
+
+from orchestrator.broker import publish
+from orchestrator.db.engine import normalize_url
+from orchestrator.db.models import JobState, Outcome
+from orchestrator.db.store import JobStore, NewJob
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from orchestrator.tiers import Tier
+from workers.runtime import Runtime
+
+_TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM)\s+(\w+)", re.IGNORECASE)
+LEASES = {"interactive": 30.0, "nearline": 60.0, "offline": 120.0}
+
+
+def _label(statement: str) -> str:
+    verb = statement.split(None, 1)[0].upper()
+    table = _TABLE.search(statement)
+    return f"{verb} {table.group(1)}" if table else verb
+
+
+class Timer:
+    """Accumulates wall time by label; ``phase`` prefixes what the engine reports."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.phase = "setup"
+
+    def add(self, label: str, seconds: float) -> None:
+        self.totals[label] += seconds
+        self.counts[label] += 1
+
+    def wrap(self, label: str, fn: Callable[..., Any], *,
+             phased: bool = False) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(f"{self.phase}:{label}" if phased else label, time.perf_counter() - t0)
+        return timed
+
+    def instrument(self, engine: Engine) -> None:
+        """Time every statement, COMMIT, ROLLBACK and pre-ping the engine issues."""
+        starts: dict[int, float] = {}
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            starts[id(cursor)] = time.perf_counter()
+
+        @event.listens_for(engine, "after_cursor_execute")
+        def _after(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            t0 = starts.pop(id(cursor), None)
+            if t0 is not None:
+                self.add(f"{self.phase}:sql {_label(statement)}", time.perf_counter() - t0)
+
+        dialect = engine.dialect
+        for name in ("do_commit", "do_rollback", "do_ping"):
+            setattr(dialect, name, self.wrap(name.removeprefix("do_"), getattr(dialect, name),
+                                             phased=True))
+
+    def per_job_us(self, prefix: str, n: int) -> dict[str, dict[str, float]]:
+        rows = {
+            label.removeprefix(prefix): {
+                "us_per_job": round(1e6 * total / n, 1),
+                "calls_per_job": round(self.counts[label] / n, 2),
+            }
+            for label, total in self.totals.items() if label.startswith(prefix)
+        }
+        return dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_job"]))
+
+
+def _new_job(i: int) -> NewJob:
+    return NewJob(tenant="default", kind="echo", tier=Tier.INTERACTIVE.value, priority=0,
+                  payload={"i": i}, max_attempts=3)
+
+
+def _submit(services: Services, n: int, timer: Timer) -> list[str]:
+    timer.phase = "submit"
+    create = timer.wrap("submit:JobStore.create", services.store.create)
+    ids = []
+    cpu0 = time.process_time()
+    for i in range(n):
+        job_id, _ = create(_new_job(i))
+        t0 = time.perf_counter()
+        publish(services.celery, job_id, Tier.INTERACTIVE, 0, time_limit=60)
+        timer.add("submit:broker.publish", time.perf_counter() - t0)
+        ids.append(job_id)
+    timer.add("submit:cpu (this process)", time.process_time() - cpu0)
+    return ids
+
+
+def _execute(services: Services, ids: list[str], timer: Timer) -> float:
+    """Run every job through ``Runtime.execute``; return the wall seconds it took."""
+    runtime = Runtime(services, worker="bench:in-process")
+    store = services.store
+    store.claim = timer.wrap("execute:JobStore.claim", store.claim)  # type: ignore[method-assign]
+    store.finish = timer.wrap("execute:JobStore.finish", store.finish)  # type: ignore[method-assign]
+    services.signal_done = timer.wrap(  # type: ignore[method-assign]
+        "execute:Services.signal_done", services.signal_done)
+    execute = timer.wrap("execute:Runtime.execute", runtime.execute)
+    timer.phase = "execute"
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        for job_id in ids:
+            if execute(job_id) != JobState.SUCCEEDED:
+                raise RuntimeError(f"job {job_id} did not succeed in-process")
+    finally:
+        timer.add("execute:cpu (this process)", time.process_time() - cpu0)
+        del store.claim, store.finish, services.signal_done  # back to the real methods
+    return time.perf_counter() - t0
+
+
+def _profile(services: Services, n: int, top: int = 18) -> list[dict[str, Any]]:
+    """cProfile ``Runtime.execute`` over ``n`` fresh jobs: the functions with most own time."""
+    ids = [services.store.create(_new_job(i))[0] for i in range(n)]
+    runtime = Runtime(services, worker="bench:profile")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for job_id in ids:
+        runtime.execute(job_id)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
+    return [
+        {"function": f"{path.rsplit('/', 2)[-1] if '/' in path else path}:{line}({name})",
+         "calls_per_job": round(nc / n, 2), "own_us_per_job": round(1e6 * tt / n, 1),
+         "cum_us_per_job": round(1e6 * ct / n, 1)}
+        for (path, line, name), (_cc, nc, tt, ct, _callers) in rows
+    ]
+
+
+def _claim_finish_us(engine: Engine, n: int) -> float:
+    """Median microseconds of one claim + finish pair (as the runtime does on success)."""
+    store = JobStore(engine)
+    ids = [store.create(_new_job(i))[0] for i in range(n)]
+    samples = []
+    for job_id in ids:
+        t0 = time.perf_counter()
+        claim = store.claim(job_id, "bench:variant", LEASES)
+        assert claim is not None
+        store.finish(claim, state=JobState.SUCCEEDED, outcome=Outcome.SUCCEEDED, cpu_seconds=0.0,
+                     wall_seconds=0.0, result={"i": 0}, items=1)
+        samples.append(time.perf_counter() - t0)
+    return round(1e6 * statistics.median(samples), 1)
+
+
+def _variants(url: str, n: int, reset: Callable[[], None]) -> dict[str, float]:
+    """claim + finish under engine settings the project could choose."""
+    configs: dict[str, dict[str, Any]] = {
+        "as shipped (pool_pre_ping, synchronous_commit=on)": {"pool_pre_ping": True},
+        "no pool_pre_ping": {"pool_pre_ping": False},
+        "synchronous_commit=off": {
+            "pool_pre_ping": True,
+            "connect_args": {"options": "-c synchronous_commit=off"}},
+        "no pool_pre_ping + synchronous_commit=off": {
+            "connect_args": {"options": "-c synchronous_commit=off"}},
+    }
+    out = {}
+    for name, kwargs in configs.items():
+        reset()
+        engine = create_engine(normalize_url(url), **kwargs)
+        try:
+            out[name] = _claim_finish_us(engine, n)
+        finally:
+            engine.dispose()
+    return out
+
+
+def _round_trip_us(url: str, n: int = 2000) -> dict[str, float]:
+    """Median microseconds of a bare ``SELECT 1`` and of a one-row committed write."""
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE bench_rt (x int)")
+        out = {}
+        for name, sql in (("SELECT 1 (autocommit)", "SELECT 1"),
+                          ("INSERT + commit (fsync on)", "INSERT INTO bench_rt VALUES (1)")):
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                conn.execute(sql)
+                samples.append(time.perf_counter() - t0)
+            out[name] = round(1e6 * statistics.median(samples), 1)
+    return out
+
+
+def run(settings: Settings, client: redis.Redis, n: int, *,
+        reset: Callable[[], None]) -> dict[str, Any]:
+    """Measure the per-job path for ``n`` jobs; ``reset`` empties the tables and the broker."""
+    reset()
+    services = Services.open(settings)
+    timer = Timer()
+    try:
+        timer.instrument(services.engine)
+        ids = _submit(services, n, timer)
+        client.flushdb()  # the messages were only published to time publishing
+        wall = _execute(services, ids, timer)
+        timer.phase = "profile"
+        profile = _profile(services, max(n // 4, 1))
+    finally:
+        services.close()
+    url = settings.resolved_database_url()
+    return {
+        "jobs": n,
+        "in_process_rate_one_process": round(n / wall, 1),
+        "submit_us_per_job": timer.per_job_us("submit:", n),
+        "execute_us_per_job": timer.per_job_us("execute:", n),
+        "profile_top_own_time": profile,
+        "claim_finish_median_us_by_engine_config": _variants(url, max(n // 2, 1), reset),
+        "round_trip_median_us": _round_trip_us(normalize_url(url)),
+    }
+

@@ -1,0 +1,513 @@
+"""What the orchestrator costs per job against vanilla Celery, on the same Redis and cores.
+
+    .venv/bin/python bench/overhead.py [--jobs 10000] [--rounds 3]
+
+Each round measures, alternating the order of the sides:
+
+* ``celery``: a plain Celery app and a no-op task (``bench/vanilla.py``), 2 prefork processes;
+* ``celery-matched``: the same no-op task under the orchestrator's Celery settings (late ack,
+  no prefetch, three priority queues), which separates Celery-configuration cost from
+  database cost;
+* ``orchestrator``: ``echo`` jobs through ``Client.submit`` and an ``orchestrator worker``
+  subprocess, every job durable in a throwaway PostgreSQL database;
+
+each in two modes: ``drain`` (submit everything, then start the worker: pure drain rate) and
+``e2e`` (worker ready first, then submit: first submit to last completion). During each window
+the CPU time of the worker processes, PostgreSQL, Redis and this process is sampled, so the
+per-job cost can be split between them. An in-process breakdown of the worker's per-job path
+(``bench/breakdown.py``) follows. Results go to ``bench/results/overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, create_engine, func, select, text
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import breakdown, vanilla  # noqa: E402
+from orchestrator.broker import publish  # noqa: E402
+from orchestrator.client import Client  # noqa: E402
+from orchestrator.db.engine import normalize_url  # noqa: E402
+from orchestrator.db.migrate import upgrade  # noqa: E402
+from orchestrator.db.models import JobState, attempts, jobs  # noqa: E402
+from orchestrator.settings import Settings  # noqa: E402
+from orchestrator.tiers import Tier  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGET_RATIO = 0.5
+MODES = ("drain", "e2e")
+
+
+# --- processes and CPU accounting ------------------------------------------------------------
+
+
+class Worker:
+    """A worker subprocess in its own process group, logging to a file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait for Celery's "ready." line (logged at INFO)."""
+        deadline = time.monotonic() + timeout
+        while "ready." not in self.log_path.read_text(errors="replace"):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker not ready after {timeout:g}s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM the group (warm shutdown), SIGKILL it if it lingers."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            self.proc.wait()
+
+
+def _proc_cpu(pgid: int | None) -> tuple[float, float]:
+    """CPU seconds of the processes in group ``pgid`` and of all ``postgres`` processes."""
+    group = postgres = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if pgid is not None and int(fields[2]) == pgid:
+            group += cpu
+        elif comm == "postgres":
+            postgres += cpu
+    return group, postgres
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    wall: float
+    worker: float
+    postgres: float
+    redis: float
+    bench: float
+    busy: float
+    total: float
+    done: int
+
+    @classmethod
+    def take(cls, worker: Worker | None, client: redis.Redis, done: int) -> CpuSample:
+        group, postgres = _proc_cpu(worker.proc.pid if worker else None)
+        info = client.info("cpu")
+        cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = cpu[3] + cpu[4]
+        return cls(
+            wall=time.monotonic(), worker=group, postgres=postgres,
+            redis=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+            bench=time.process_time(), busy=(sum(cpu) - idle) / CLK_TCK,
+            total=sum(cpu) / CLK_TCK, done=done,
+        )
+
+    def per_job_ms(self, later: CpuSample) -> dict[str, float]:
+        """CPU milliseconds per job completed between the two samples, by process."""
+        jobs_done = max(later.done - self.done, 1)
+        out = {
+            name: round(1000 * (getattr(later, name) - getattr(self, name)) / jobs_done, 4)
+            for name in ("worker", "postgres", "redis", "bench")
+        }
+        out["machine_busy_pct"] = round(
+            100 * (later.busy - self.busy) / max(later.total - self.total, 1e-9), 1)
+        out["jobs_in_window"] = jobs_done
+        return out
+
+
+# --- the three sides ---------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """Resources shared by every measurement of one run."""
+
+    args: argparse.Namespace
+    redis: redis.Redis
+    broker_url: str
+    engine: Engine
+    settings: Settings
+    client: Client
+    log_dir: Path
+
+    def worker_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return {**env, **extra}
+
+
+class Side:
+    """One system under test: how to reset it, submit to it, start its worker, and read it."""
+
+    name = ""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+
+    def reset(self) -> None:
+        self.bench.redis.flushdb()
+
+    def submit_all(self, n: int) -> None:
+        raise NotImplementedError
+
+    def done(self) -> int:
+        raise NotImplementedError
+
+    def window(self) -> tuple[float, float]:
+        """Epoch seconds of the first and the last completion."""
+        raise NotImplementedError
+
+    def start_worker(self, tag: str) -> Worker:
+        raise NotImplementedError
+
+    def verify(self, n: int) -> dict[str, Any]:
+        return {}
+
+
+class CelerySide(Side):
+    def __init__(self, bench: Bench, *, matched: bool) -> None:
+        super().__init__(bench)
+        self.matched = matched
+        self.name = "celery-matched" if matched else "celery"
+        self.app = vanilla.make_app(bench.broker_url, matched=matched)
+
+    def submit_all(self, n: int) -> None:
+        if self.matched:  # exactly the orchestrator's publish, minus the database row
+            for i in range(n):
+                publish(self.app, str(i), Tier.INTERACTIVE, 0, time_limit=60)
+        else:
+            for i in range(n):
+                self.app.send_task(vanilla.TASK_NAME, args=[i])
+
+    def done(self) -> int:
+        return int(self.bench.redis.get(vanilla.DONE_KEY) or 0)
+
+    def window(self) -> tuple[float, float]:
+        first, last = self.bench.redis.mget(vanilla.FIRST_KEY, vanilla.LAST_KEY)
+        return float(first), float(last)
+
+    def start_worker(self, tag: str) -> Worker:
+        argv = [sys.executable, "-m", "bench.vanilla", "--broker", self.bench.broker_url,
+                "--concurrency", str(self.bench.args.concurrency)]
+        if self.matched:
+            argv.append("--matched")
+        return Worker(argv, self.bench.worker_env({}),
+                      self.bench.log_dir / f"{self.name}-{tag}.log")
+
+
+class OrchestratorSide(Side):
+    name = "orchestrator"
+
+    def reset(self) -> None:
+        super().reset()
+        with self.bench.engine.begin() as conn:
+            conn.execute(text("TRUNCATE attempts, jobs, tenants"))
+
+    def submit_all(self, n: int) -> None:
+        client = self.bench.client
+        for i in range(n):
+            client.submit("echo", {"i": i})  # echo's default tier is interactive
+
+    def done(self) -> int:
+        with self.bench.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count()).where(jobs.c.state == JobState.SUCCEEDED)
+            ).scalar_one())
+
+    def window(self) -> tuple[float, float]:
+        with self.bench.engine.connect() as conn:
+            first, last = conn.execute(
+                select(func.min(jobs.c.finished_at), func.max(jobs.c.finished_at))
+            ).one()
+        return first.timestamp(), last.timestamp()
+
+    def start_worker(self, tag: str) -> Worker:
+        argv = [sys.executable, "-m", "orchestrator", "worker",
+                "--tiers", "interactive,nearline,offline",
+                "--concurrency", str(self.bench.args.concurrency), "--loglevel", "INFO"]
+        return Worker(argv, self.bench.worker_env(self.bench.settings.to_env()),
+                      self.bench.log_dir / f"{self.name}-{tag}.log")
+
+    def verify(self, n: int) -> dict[str, Any]:
+        with self.bench.engine.connect() as conn:
+            states = dict(conn.execute(
+                select(jobs.c.state, func.count()).group_by(jobs.c.state)).all())
+            n_attempts = conn.execute(select(func.count()).select_from(attempts)).scalar_one()
+        if states != {JobState.SUCCEEDED: n} or n_attempts != n:
+            raise RuntimeError(f"unexpected end state: {states}, {n_attempts} attempts")
+        return {"attempts": n_attempts}
+
+
+# --- one measurement ---------------------------------------------------------------------------
+
+
+def _wait_until(done: Callable[[], int], n: int, worker: Worker, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while done() < n:
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {done()}/{n} done after {timeout:g}s:\n{worker.tail()}")
+        time.sleep(0.1)
+
+
+def measure(side: Side, mode: str, n: int, tag: str) -> dict[str, Any]:
+    """Submit ``n`` jobs and drain them; rates in items per second."""
+    side.reset()
+    bench = side.bench
+    worker = None
+    if mode == "e2e":
+        worker = side.start_worker(tag)
+        worker.wait_ready()
+    before = CpuSample.take(worker, bench.redis, 0)
+    t0 = time.time()
+    side.submit_all(n)
+    submit_s = time.time() - t0
+    try:
+        if worker is None:
+            worker = side.start_worker(tag)
+            worker.wait_ready()
+            before = CpuSample.take(worker, bench.redis, side.done())
+        _wait_until(side.done, n, worker, timeout=max(120.0, n / 20))
+        after = CpuSample.take(worker, bench.redis, n)
+    finally:
+        if worker is not None:
+            worker.stop()
+    first, last = side.window()
+    out: dict[str, Any] = {
+        "submit_rate": round(n / submit_s, 1),
+        "drain_rate": round((n - 1) / (last - first), 1),
+        "cpu_ms_per_job": before.per_job_ms(after),
+    }
+    if mode == "e2e":
+        out["e2e_rate"] = round(n / (last - t0), 1)
+    out.update(side.verify(n))
+    print(f"  {side.name:15} {mode:5} submit {out['submit_rate']:8.1f}/s  drain "
+          f"{out['drain_rate']:8.1f}/s" + (f"  e2e {out['e2e_rate']:8.1f}/s" if mode == "e2e"
+                                          else ""), flush=True)
+    return out
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def throwaway_database(server_url: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database, dropped afterwards."""
+    name = f"orch_bench_{secrets.token_hex(4)}"
+    admin = create_engine(f"{server_url}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = f"{server_url}/{name}"
+        try:
+            upgrade(url)
+            yield url
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def machine_info() -> dict[str, Any]:
+    versions = {pkg: metadata.version(pkg) for pkg in
+                ("celery", "kombu", "redis", "sqlalchemy", "psycopg", "billiard")}
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": next((line.split(":", 1)[1].strip() for line in
+                           Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name")), "?"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def run_rounds(sides: list[Side], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rounds = []
+    for r in range(args.rounds):
+        order = sides if r % 2 == 0 else sides[::-1]  # alternate: the machine drifts
+        figures: dict[str, dict[str, Any]] = {side.name: {} for side in sides}
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        for mode in MODES:
+            for side in order:
+                figures[side.name][mode] = measure(side, mode, args.jobs, f"r{r}-{mode}")
+        rounds.append(figures)
+    return rounds
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in rounds[0]:
+        out[name] = {}
+        for mode in MODES:
+            keys = [k for k in rounds[0][name][mode] if k.endswith("_rate")]
+            out[name][mode] = {k: statistics.median(r[name][mode][k] for r in rounds)
+                               for k in keys}
+            out[name][mode]["cpu_ms_per_job"] = {
+                k: round(statistics.median(r[name][mode]["cpu_ms_per_job"][k] for r in rounds), 4)
+                for k in rounds[0][name][mode]["cpu_ms_per_job"]
+            }
+    return out
+
+
+def ratios(med: dict[str, Any]) -> dict[str, float]:
+    ours, base = med["orchestrator"], med["celery"]
+    return {
+        "e2e": round(ours["e2e"]["e2e_rate"] / base["e2e"]["e2e_rate"], 3),
+        "drain": round(ours["drain"]["drain_rate"] / base["drain"]["drain_rate"], 3),
+        "submit": round(ours["drain"]["submit_rate"] / base["drain"]["submit_rate"], 3),
+    }
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(str(c) for c in row) + " |" for row in rows]]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The short human version of the JSON report."""
+    med, machine, cfg = report["medians"], report["machine"], report["config"]
+    lines = [
+        "# Overhead against vanilla Celery", "",
+        f"{machine['date']}, {machine['cpu_count']} CPUs ({machine['cpu_model']}), Python "
+        f"{machine['python']}, Celery {machine['versions']['celery']}. Medians of "
+        f"{cfg['rounds']} rounds of {cfg['jobs']} jobs, concurrency {cfg['concurrency']}. "
+        f"Command: `{report['command']}`.", "",
+    ]
+    rows = []
+    for name, by_mode in med.items():
+        cpu = by_mode["e2e"]["cpu_ms_per_job"]
+        rows.append([name, by_mode["drain"]["submit_rate"], by_mode["drain"]["drain_rate"],
+                     by_mode["e2e"]["e2e_rate"], cpu["worker"], cpu["postgres"], cpu["redis"],
+                     cpu["bench"], cpu["machine_busy_pct"]])
+    lines += _table(["side", "submit/s", "drain/s", "e2e/s", "worker ms/job", "postgres ms/job",
+                     "redis ms/job", "submitter ms/job", "busy %"], rows)
+    ratio = report["ratio_to_celery"]
+    verdict = "meets" if ratio["e2e"] >= report["target_ratio"] else "misses"
+    lines += ["", f"Orchestrator / Celery: e2e **{ratio['e2e']}** ({verdict} the "
+              f"{report['target_ratio']} target), drain {ratio['drain']}, submit "
+              f"{ratio['submit']}. CPU columns: CPU time per job during the e2e window.", ""]
+    parts = report["breakdown"]
+    lines += [f"## Worker-side path in-process ({parts['jobs']} jobs, one process, no Celery: "
+              f"{parts['in_process_rate_one_process']} jobs/s)", ""]
+    lines += _table(["step", "µs/job", "calls/job"], [
+        [label, v["us_per_job"], v["calls_per_job"]]
+        for label, v in parts["execute_us_per_job"].items()])
+    lines += ["", "## Submit path in-process", ""]
+    lines += _table(["step", "µs/job", "calls/job"], [
+        [label, v["us_per_job"], v["calls_per_job"]]
+        for label, v in parts["submit_us_per_job"].items()])
+    lines += ["", "## claim + finish by engine configuration (median µs)", ""]
+    lines += _table(["configuration", "µs"], [
+        [k, v] for k, v in parts["claim_finish_median_us_by_engine_config"].items()])
+    lines += ["", *_table(["round trip", "µs"],
+                          [[k, v] for k, v in parts["round_trip_median_us"].items()])]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--redis-db", type=int, default=12, help="flushed before each run")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432",
+                        help="server URL; a throwaway database is created and dropped")
+    parser.add_argument("--breakdown-jobs", type=int, default=2000)
+    parser.add_argument("--no-matched", action="store_true",
+                        help="skip the Celery run with the orchestrator's Celery settings")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.monotonic()
+    broker_url = f"{args.redis}/{args.redis_db}"
+    info = machine_info()
+    with throwaway_database(args.postgres) as db_url, \
+            tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+        settings = Settings.from_env({"ORCH_DATABASE_URL": db_url, "ORCH_BROKER_URL": broker_url,
+                                      "ORCH_STATE_DIR": tmp})
+        engine = create_engine(normalize_url(db_url))
+        bench = Bench(args=args, redis=redis.Redis.from_url(broker_url), broker_url=broker_url,
+                      engine=engine, settings=settings, client=Client.from_settings(settings),
+                      log_dir=Path(tmp))
+        try:
+            sides: list[Side] = [CelerySide(bench, matched=False), OrchestratorSide(bench)]
+            if not args.no_matched:
+                sides.insert(1, CelerySide(bench, matched=True))
+            rounds = run_rounds(sides, args)
+            print("in-process breakdown of the worker's per-job path", flush=True)
+            parts = breakdown.run(settings, bench.redis, args.breakdown_jobs,
+                                  reset=OrchestratorSide(bench).reset)
+        finally:
+            bench.client.close()
+            engine.dispose()
+            bench.redis.flushdb()
+            bench.redis.close()
+    med = medians(rounds)
+    info["loadavg_at_end"] = os.getloadavg()
+    report = {
+        "command": "python bench/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": info,
+        "config": {"jobs": args.jobs, "rounds": args.rounds, "concurrency": args.concurrency,
+                   "sides": [s.name for s in sides], "modes": list(MODES)},
+        "rounds": rounds, "medians": med, "ratio_to_celery": ratios(med),
+        "target_ratio": TARGET_RATIO, "breakdown": parts,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "overhead.md").write_text(markdown(report))
+    print((args.out / "overhead.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Micro-batching buffers in Redis: small jobs wait per (tier, kind, key) with their enqueue time.
+
+The unit of transport is a batch, not a job. Submitting a batchable job stores its row, then
+RPUSHes ``"<job id> <enqueue ms>"`` onto its buffer and publishes a *trigger* message
+(``orchestrator.batch``) on the tier's queue only when the buffer needs one:
+
+- the push filled a batch (length is a multiple of ``max_batch_size``): trigger now;
+- the push made the buffer non-empty: trigger in ``max_queue_delay_ms``, the cap on the new
+  oldest job's time since enqueue (Triton's dynamic batcher bounds each request the same way).
+
+A worker running a trigger atomically moves up to ``max_batch_size`` items into a processing
+list named after the trigger message (so a redelivered trigger finds the same items), and if
+items remain and no trigger is pending for them, it publishes one (now if a batch is full,
+else when the oldest remaining item reaches its cap). A count of pending triggers per buffer
+keeps a drain of a long backlog at about one message per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+from celery import Celery
+
+from orchestrator.tiers import Tier
+
+BATCH_TASK = "orchestrator.batch"
+
+# KEYS: buffer, processing list, pending-trigger counter.
+# ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s.
+# Returns {retrigger_ms or -1, item, item, ...}.
+_TAKE = """
+local items
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  items = redis.call('LRANGE', KEYS[2], 0, -1)
+else
+  if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
+  items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+  if #items > 0 then
+    redis.call('LTRIM', KEYS[1], #items, -1)
+    redis.call('RPUSH', KEYS[2], unpack(items))
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  end
+end
+local left = redis.call('LLEN', KEYS[1])
+local retrigger = -1
+if left > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') == 0 then
+  if left >= tonumber(ARGV[1]) then
+    retrigger = 0
+  else
+    local oldest = redis.call('LINDEX', KEYS[1], 0)
+    local enq = tonumber(string.match(oldest, ' (%d+)$')) or tonumber(ARGV[2])
+    retrigger = math.max(0, enq + tonumber(ARGV[3]) - tonumber(ARGV[2]))
+  end
+  redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+end
+local out = {retrigger}
+for i = 1, #items do out[#out + 1] = items[i] end
+return out
+"""
+
+
+def buffer_key(tier: Tier | str, kind: str, key: str) -> str:
+    return f"orch:buf:{Tier(tier).value}:{kind}:{key}"
+
+
+def pending_key(buffer: str) -> str:
+    return f"{buffer}:pending"
+
+
+def processing_key(message_id: str) -> str:
+    return f"orch:proc:{message_id}"
+
+
+def encode_item(job_id: str, enqueued_at: datetime) -> str:
+    return f"{job_id} {int(enqueued_at.timestamp() * 1000)}"
+
+
+def decode_item(item: bytes | str) -> tuple[str, int]:
+    text = item.decode() if isinstance(item, bytes) else item
+    job_id, _, ms = text.partition(" ")
+    return job_id, int(ms or 0)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What one trigger took: (job id, enqueue ms) pairs, and when to trigger the rest."""
+
+    items: list[tuple[str, int]]
+    retrigger_in_s: float | None
+
+
+class Buffers:
+    """Pushes to and takes from the batch buffers; publishes triggers."""
+
+    def __init__(self, client: redis.Redis, celery: Celery, *, processing_ttl_s: float,
+                 pending_ttl_s: float = 60.0) -> None:
+        self.redis = client
+        self.celery = celery
+        self.processing_ttl_s = int(processing_ttl_s)
+        self.pending_ttl_s = int(pending_ttl_s)
+        self._take = client.register_script(_TAKE)
+
+    def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
+             enqueued_at: datetime, max_batch: int, delay_ms: float) -> None:
+        """Buffer one job and publish the trigger it needs, if any."""
+        buffer = buffer_key(tier, kind, key)
+        length = int(self.redis.rpush(buffer, encode_item(job_id, enqueued_at)))
+        if length % max_batch == 0:
+            self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None)
+        elif length == 1:
+            self.trigger(tier=tier, kind=kind, key=key, priority=priority,
+                         countdown=delay_ms / 1000.0)
+
+    def remove(self, *, tier: Tier, kind: str, key: str, job_id: str,
+               enqueued_at: datetime) -> None:
+        """Take back a pushed job (its submit was refused after all)."""
+        self.redis.lrem(buffer_key(tier, kind, key), 1, encode_item(job_id, enqueued_at))
+
+    def trigger(self, *, tier: Tier, kind: str, key: str, priority: int,
+                countdown: float | None, counted: bool = False) -> None:
+        """Publish a trigger; ``counted`` when ``take`` already counted it as pending."""
+        if not counted:
+            buffer = buffer_key(tier, kind, key)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.incr(pending_key(buffer))
+            pipe.expire(pending_key(buffer), self.pending_ttl_s)
+            pipe.execute()
+        options: dict[str, Any] = {"queue": tier.value, "exchange": "", "routing_key": tier.value,
+                                   "priority": priority}
+        if countdown:
+            options["countdown"] = countdown
+        self.celery.send_task(BATCH_TASK, args=[kind, key, tier.value], **options)
+
+    def take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
+             delay_ms: float) -> Taken:
+        """Move up to ``max_batch`` items into ``processing`` (or return what it already holds)."""
+        buffer = buffer_key(tier, kind, key)
+        now_ms = int(time.time() * 1000)
+        raw = self._take(
+            keys=[buffer, processing, pending_key(buffer)],
+            args=[max_batch, now_ms, int(delay_ms), self.processing_ttl_s, self.pending_ttl_s],
+        )
+        retrigger_ms = int(raw[0])
+        return Taken(
+            items=[decode_item(item) for item in raw[1:]],
+            retrigger_in_s=None if retrigger_ms < 0 else retrigger_ms / 1000.0,
+        )
+
+    def done(self, processing: str) -> None:
+        """The batch is recorded in the database: forget its processing list."""
+        self.redis.delete(processing)

@@ -1,0 +1,126 @@
+"""Calling a kind: one job, or a batch with per-item failure isolation and CPU shares."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.db.store import Claim, JobStore
+from orchestrator.errors import PermanentError
+from orchestrator.kinds import BatchShare, JobContext, KindSpec
+from orchestrator.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcomes:
+    """What happened to each claim: (claim, result, error, cpu seconds, wall seconds)."""
+
+    items: list[tuple[Claim, Any, BaseException | None, float, float]] = field(
+        default_factory=list)
+
+    def ok(self, claim: Claim, result: Any, cpu: float, wall: float) -> None:
+        self.items.append((claim, result, None, cpu, wall))
+
+    def fail(self, claim: Claim, error: BaseException, cpu: float = 0.0, wall: float = 0.0
+             ) -> None:
+        self.items.append((claim, None, error, cpu, wall))
+
+
+class Heartbeat:
+    """Renews the leases of running claims every third of the lease."""
+
+    def __init__(self, store: JobStore, claims: Sequence[Claim], lease_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(store, list(claims), lease_s),
+                                        daemon=True, name="lease-heartbeat")
+
+    def _run(self, store: JobStore, claims: list[Claim], lease_s: float) -> None:
+        while not self._stop.wait(lease_s / 3):
+            try:
+                owned = store.renew_leases(claims, lease_s)
+            except Exception:
+                log.warning("lease renewal failed for %d job(s)", len(claims), exc_info=True)
+                continue
+            claims = [c for c in claims if c.job_id in owned]
+            if not claims:
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _context(spec: KindSpec, claims: Sequence[Claim], worker: str, resources: Any
+             ) -> JobContext:
+    first = claims[0]
+    return JobContext(
+        job_id=first.job_id, tenant=first.tenant, tier=Tier(first.tier), attempt=first.attempt,
+        max_attempts=first.max_attempts, queued_at=first.queued_at, worker=worker,
+        log=logging.LoggerAdapter(logging.getLogger(spec.module), {"job_id": first.job_id}),
+        resources=resources, batch_ids=tuple(c.job_id for c in claims), share=BatchShare(),
+    )
+
+
+def _checked(result: Any, chunk: bool) -> Any:
+    """Results go to the database as JSON (or, for bulk chunks, to a file): check early."""
+    if chunk or isinstance(result, BaseException) or hasattr(result, "tolist"):
+        return result
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as e:
+        return PermanentError(f"result is not JSON-serialisable: {e}")
+    return result
+
+
+def call_kind(spec: KindSpec, runnable: Sequence[tuple[Claim, Any]], worker: str,
+              resources: Any, outcomes: Outcomes) -> None:
+    """Run ``runnable`` (claims with validated payloads) and record every outcome.
+
+    A batch kind gets all payloads in one call; if that call raises, each job is run alone so
+    that one bad input fails only itself. The call's CPU is shared by the weights the kind set
+    (tokens, rows), else equally.
+    """
+    claims = [c for c, _ in runnable]
+    models = [m for _, m in runnable]
+    ctx = _context(spec, claims, worker, resources)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        if spec.batch is not None:
+            results = list(spec.fn(models, ctx))
+            if len(results) != len(models):
+                raise PermanentError(
+                    f"kind {spec.name} returned {len(results)} results for {len(models)} jobs")
+        else:
+            results = [spec.fn(models[0], ctx)]
+    except Exception as e:
+        if len(runnable) > 1:
+            log.info("batch of %d %s jobs failed (%s); running each alone", len(runnable),
+                     spec.name, e)
+            for pair in runnable:
+                call_kind(spec, [pair], worker, resources, outcomes)
+            return
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        outcomes.fail(claims[0], e, cpu, wall)
+        return
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    weights = ctx.share.weights if ctx.share.weights and len(ctx.share.weights) == len(claims) \
+        else [1.0] * len(claims)
+    total = sum(weights) or 1.0
+    for claim, result, weight in zip(claims, results, weights, strict=True):
+        share = weight / total
+        result = _checked(result, claim.parent_id is not None)
+        if isinstance(result, BaseException):
+            outcomes.fail(claim, result, cpu * share, wall * share)
+        else:
+            outcomes.ok(claim, result, cpu * share, wall * share)
