@@ -23,9 +23,10 @@ import psycopg
 import redis
 from sqlalchemy import Engine, create_engine, event
 
+from bench import store_variants
 from orchestrator.broker import publish
 from orchestrator.db.engine import normalize_url
-from orchestrator.db.models import JobState, Outcome
+from orchestrator.db.models import JobState
 from orchestrator.db.store import JobStore, NewJob
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -33,7 +34,6 @@ from orchestrator.tiers import Tier
 from workers.runtime import Runtime
 
 _TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM)\s+(\w+)", re.IGNORECASE)
-LEASES = {"interactive": 30.0, "nearline": 60.0, "offline": 120.0}
 
 
 def _label(statement: str) -> str:
@@ -135,8 +135,18 @@ def _execute(services: Services, ids: list[str], timer: Timer) -> float:
     return time.perf_counter() - t0
 
 
-def _profile(services: Services, n: int, top: int = 18) -> list[dict[str, Any]]:
-    """cProfile ``Runtime.execute`` over ``n`` fresh jobs: the functions with most own time."""
+# (file name, function) pairs whose cumulative time says where ``execute`` goes.
+WATCHED = [
+    ("runtime.py", "execute"), ("store.py", "claim"), ("store.py", "finish"),
+    ("services.py", "signal_done"), ("runtime.py", "__enter__"), ("runtime.py", "__exit__"),
+    ("kinds.py", "validate"), ("base.py", "_do_ping_w_event"),
+    ("coercions.py", "expect"), ("cache_key.py", "_generate_cache_key"),
+    ("base.py", "_execute_context"), ("connection.py", "wait"),
+]
+
+
+def _profile(services: Services, n: int, top: int = 12) -> dict[str, list[dict[str, Any]]]:
+    """cProfile ``Runtime.execute`` over ``n`` fresh jobs (times are inflated by the profiler)."""
     ids = [services.store.create(_new_job(i))[0] for i in range(n)]
     runtime = Runtime(services, worker="bench:profile")
     profiler = cProfile.Profile()
@@ -144,48 +154,58 @@ def _profile(services: Services, n: int, top: int = 18) -> list[dict[str, Any]]:
     for job_id in ids:
         runtime.execute(job_id)
     profiler.disable()
-    stats = pstats.Stats(profiler)
-    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
-    return [
-        {"function": f"{path.rsplit('/', 2)[-1] if '/' in path else path}:{line}({name})",
-         "calls_per_job": round(nc / n, 2), "own_us_per_job": round(1e6 * tt / n, 1),
-         "cum_us_per_job": round(1e6 * ct / n, 1)}
-        for (path, line, name), (_cc, nc, tt, ct, _callers) in rows
-    ]
+    entries = pstats.Stats(profiler).stats.items()  # type: ignore[attr-defined]
+
+    def row(key: tuple[str, int, str], value: tuple[Any, ...]) -> dict[str, Any]:
+        path, line, name = key
+        return {"function": f"{path.rsplit('/', 1)[-1]}:{line}({name})",
+                "calls_per_job": round(value[1] / n, 2),
+                "own_us_per_job": round(1e6 * value[2] / n, 1),
+                "cum_us_per_job": round(1e6 * value[3] / n, 1)}
+
+    watched = [row(k, v) for k, v in entries
+               if (k[0].rsplit("/", 1)[-1], k[2]) in WATCHED]
+    return {
+        "watched_by_cumulative": sorted(watched, key=lambda r: -r["cum_us_per_job"]),
+        "top_by_own_time": [row(k, v) for k, v in
+                            sorted(entries, key=lambda kv: -kv[1][2])[:top]],
+    }
 
 
-def _claim_finish_us(engine: Engine, n: int) -> float:
-    """Median microseconds of one claim + finish pair (as the runtime does on success)."""
-    store = JobStore(engine)
-    ids = [store.create(_new_job(i))[0] for i in range(n)]
+def _time_steps(step: store_variants.Step, ids: list[str]) -> dict[str, float]:
     samples = []
+    cpu0 = time.process_time()
     for job_id in ids:
         t0 = time.perf_counter()
-        claim = store.claim(job_id, "bench:variant", LEASES)
-        assert claim is not None
-        store.finish(claim, state=JobState.SUCCEEDED, outcome=Outcome.SUCCEEDED, cpu_seconds=0.0,
-                     wall_seconds=0.0, result={"i": 0}, items=1)
+        step(job_id)
         samples.append(time.perf_counter() - t0)
-    return round(1e6 * statistics.median(samples), 1)
+    return {"wall_median_us": round(1e6 * statistics.median(samples), 1),
+            "client_cpu_us": round(1e6 * (time.process_time() - cpu0) / len(ids), 1)}
 
 
-def _variants(url: str, n: int, reset: Callable[[], None]) -> dict[str, float]:
-    """claim + finish under engine settings the project could choose."""
-    configs: dict[str, dict[str, Any]] = {
-        "as shipped (pool_pre_ping, synchronous_commit=on)": {"pool_pre_ping": True},
-        "no pool_pre_ping": {"pool_pre_ping": False},
-        "synchronous_commit=off": {
-            "pool_pre_ping": True,
-            "connect_args": {"options": "-c synchronous_commit=off"}},
-        "no pool_pre_ping + synchronous_commit=off": {
-            "connect_args": {"options": "-c synchronous_commit=off"}},
-    }
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("JobStore as shipped (pool_pre_ping, synchronous_commit=on)", "shipped",
+     {"pool_pre_ping": True}),
+    ("JobStore, no pool_pre_ping", "shipped", {"pool_pre_ping": False}),
+    ("JobStore, synchronous_commit=off", "shipped",
+     {"pool_pre_ping": True, "connect_args": {"options": "-c synchronous_commit=off"}}),
+    ("prebuilt statements, pool_pre_ping", "prebuilt", {"pool_pre_ping": True}),
+    ("prebuilt statements, no pool_pre_ping", "prebuilt", {"pool_pre_ping": False}),
+    ("one CTE statement per transition, pool_pre_ping", "cte", {"pool_pre_ping": True}),
+    ("one CTE statement per transition, no pool_pre_ping", "cte", {"pool_pre_ping": False}),
+]
+
+
+def _variants(url: str, n: int, reset: Callable[[], None]) -> dict[str, dict[str, float]]:
+    """claim + finish (as on success), per store implementation and engine configuration."""
     out = {}
-    for name, kwargs in configs.items():
+    for name, builder, kwargs in VARIANTS:
         reset()
         engine = create_engine(normalize_url(url), **kwargs)
         try:
-            out[name] = _claim_finish_us(engine, n)
+            store = JobStore(engine)
+            ids = [store.create(_new_job(i))[0] for i in range(n)]
+            out[name] = _time_steps(store_variants.BUILDERS[builder](engine), ids)
         finally:
             engine.dispose()
     return out
@@ -228,8 +248,8 @@ def run(settings: Settings, client: redis.Redis, n: int, *,
         "in_process_rate_one_process": round(n / wall, 1),
         "submit_us_per_job": timer.per_job_us("submit:", n),
         "execute_us_per_job": timer.per_job_us("execute:", n),
-        "profile_top_own_time": profile,
-        "claim_finish_median_us_by_engine_config": _variants(url, max(n // 2, 1), reset),
+        "profile": profile,
+        "claim_finish_by_variant": _variants(url, max(n // 2, 1), reset),
         "round_trip_median_us": _round_trip_us(normalize_url(url)),
     }
 

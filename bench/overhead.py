@@ -442,9 +442,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _table(["step", "µs/job", "calls/job"], [
         [label, v["us_per_job"], v["calls_per_job"]]
         for label, v in parts["submit_us_per_job"].items()])
-    lines += ["", "## claim + finish by engine configuration (median µs)", ""]
-    lines += _table(["configuration", "µs"], [
-        [k, v] for k, v in parts["claim_finish_median_us_by_engine_config"].items()])
+    lines += ["", "## claim + finish (one successful job), by implementation and engine", ""]
+    lines += _table(["variant", "wall median µs", "client CPU µs"], [
+        [k, v["wall_median_us"], v["client_cpu_us"]]
+        for k, v in parts["claim_finish_by_variant"].items()])
     lines += ["", *_table(["round trip", "µs"],
                           [[k, v] for k, v in parts["round_trip_median_us"].items()])]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -165,6 +165,54 @@ class Client:
             log.debug("submitted job %s kind=%s tier=%s tenant=%s", job_id, kind, chosen, tenant)
         return JobHandle(self, job_id, created=created)
 
+    def submit_bulk(
+        self,
+        kind: str,
+        items: Iterable[Any],
+        *,
+        params: dict[str, Any] | None = None,
+        tier: Tier | str = Tier.OFFLINE,
+        tenant: str = "default",
+        chunk_size: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobHandle:
+        """Submit a stream of items as one bulk job that runs as checkpointed chunks.
+
+        ``items`` is read one chunk at a time; each chunk's payload is ``params`` plus the items
+        in the kind's bulk field (``texts`` for ``embed``, ``rows`` for ``score``). Results
+        stream to files; read them with ``bulk_results``. Progress is the parent's
+        ``items_done`` / ``items_total``.
+
+        Raises:
+            UnknownKind, InvalidOption: as for ``submit``; also a kind without bulk support.
+            InvalidPayload: an item or a param is invalid (locations are indexes in the whole
+                stream); nothing is kept.
+            ServiceUnavailable: the broker refused the chunks (the job is cancelled).
+        """
+        from orchestrator.bulk import submit_bulk
+
+        _check_tenant(tenant)
+        _check_key(idempotency_key)
+        return submit_bulk(self, kind, items, params=params, tier=_parse_tier(tier),
+                           tenant=tenant, chunk_size=chunk_size,
+                           idempotency_key=idempotency_key)
+
+    def chunks(self, job_id: str) -> list[JobView]:
+        """A bulk job's chunks, in item order."""
+        return self.services.store.chunks(job_id)
+
+    def bulk_results(self, job_id: str, timeout: float | None = None) -> Iterator[Any]:
+        """Wait for a bulk job, then yield one result per item, in submission order.
+
+        Raises:
+            JobFailed, JobCancelled, JobTimeout, JobNotFound: as for ``result``.
+        """
+        from orchestrator.results import iter_rows
+
+        self.result(job_id, timeout=timeout)
+        paths = [c.result_ref for c in self.chunks(job_id) if c.result_ref]
+        return iter_rows(paths)
+
     def _withdraw(self, spec: KindSpec, model: BaseModel, tier: Tier, job_id: str,
                   enqueued_at: datetime) -> None:
         if spec.batch is not None:
@@ -263,6 +311,8 @@ class Client:
         """
         job = self.wait([job_id], timeout=timeout)[0]
         if job.state == JobState.SUCCEEDED:
+            if job.items_total is not None and job.parent_id is None:
+                return {"items": job.items_done, "result_dir": job.result_ref}
             return job.result
         if job.state == JobState.CANCELLED:
             raise JobCancelled(job_id)

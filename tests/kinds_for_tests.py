@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.kinds import JobContext, kind
+from orchestrator.errors import PermanentError, TransientError
+from orchestrator.kinds import BatchPolicy, JobContext, kind
 
 
 class RecordPayload(BaseModel):
@@ -28,3 +29,36 @@ def record(payload: RecordPayload, ctx: JobContext) -> dict[str, Any]:
     with Path(payload.path).open("a") as f:
         f.write(f"{payload.label} {ctx.attempt} {time.time():.6f}\n")
     return {"label": payload.label, "attempt": ctx.attempt}
+
+
+class UpperPayload(BaseModel):
+    """Texts to upper-case; a batch kind with a bulk field, like ``embed``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str]
+    group: str = "g"
+
+
+def _upper(payloads: list[UpperPayload], ctx: JobContext) -> list[Any]:
+    """Upper-case every text. "boom" fails the whole call; "bad" fails only its own job."""
+    texts = [t for p in payloads for t in p.texts]
+    if "boom" in texts:
+        raise TransientError("boom in the batch")
+    ctx.share.weights = [float(sum(len(t) for t in p.texts)) for p in payloads]
+    out: list[Any] = []
+    for p in payloads:
+        if "bad" in p.texts:
+            out.append(PermanentError("bad text"))
+        else:
+            out.append([t.upper() for t in p.texts])
+    if any(t.startswith("slow") for t in texts):
+        time.sleep(1.0)
+    return out
+
+
+upper = kind(
+    "upper", schema=UpperPayload, tier="nearline", max_attempts=2,
+    batch=BatchPolicy(max_batch_size=4, max_queue_delay_ms=300, key=lambda p: p.group,
+                      bulk_field="texts", chunk_size=100),
+)(_upper)

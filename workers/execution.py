@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ class Outcomes:
 
     items: list[tuple[Claim, Any, BaseException | None, float, float]] = field(
         default_factory=list)
+    #: job id -> (batch id, batch size) for jobs that ran in a batch call
+    batches: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def ok(self, claim: Claim, result: Any, cpu: float, wall: float) -> None:
         self.items.append((claim, result, None, cpu, wall))
@@ -114,6 +117,9 @@ def call_kind(spec: KindSpec, runnable: Sequence[tuple[Claim, Any]], worker: str
         outcomes.fail(claims[0], e, cpu, wall)
         return
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    if spec.batch is not None:
+        batch_id = str(uuid.uuid4())
+        outcomes.batches.update((c.job_id, (batch_id, len(claims))) for c in claims)
     weights = ctx.share.weights if ctx.share.weights and len(ctx.share.weights) == len(claims) \
         else [1.0] * len(claims)
     total = sum(weights) or 1.0

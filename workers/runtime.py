@@ -13,6 +13,7 @@ import os
 import random
 import socket
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +29,7 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
 from workers.execution import Heartbeat, Outcomes, call_kind
-from workers.results import ResultStore
+from orchestrator.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,15 @@ class Runtime:
         retries: list[tuple[Claim, float]] = []
         for claim, result, error, cpu, wall in outcomes.items:
             if error is None:
-                finishes.append(self._success(claim, result, cpu, wall))
+                finish = self._success(claim, result, cpu, wall)
             else:
                 finish, delay = self._failure(claim, error, cpu, wall)
-                finishes.append(finish)
                 if delay is not None:
                     retries.append((claim, delay))
+            batch = outcomes.batches.get(claim.job_id)
+            if batch is not None:
+                finish = replace(finish, batch_id=batch[0], batch_size=batch[1])
+            finishes.append(finish)
         owned = self.services.store.finish_many(finishes)
         states: dict[str, str | None] = {}
         for finish in finishes:

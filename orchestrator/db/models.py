@@ -128,6 +128,9 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"))
     items_total: Mapped[int | None] = mapped_column(Integer)
     items_done: Mapped[int] = mapped_column(Integer, default=0)
+    chunk_index: Mapped[int | None] = mapped_column(Integer)
+    batch_id: Mapped[str | None] = mapped_column(String(36))
+    batch_size: Mapped[int | None] = mapped_column(Integer)
     queue_seconds: Mapped[float | None]
     cpu_seconds: Mapped[float] = mapped_column(default=0.0)
     wall_seconds: Mapped[float] = mapped_column(default=0.0)

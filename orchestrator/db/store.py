@@ -68,6 +68,9 @@ class JobView:
     parent_id: str | None
     items_total: int | None
     items_done: int
+    chunk_index: int | None
+    batch_id: str | None
+    batch_size: int | None
     queue_seconds: float | None
     cpu_seconds: float
     wall_seconds: float
@@ -118,6 +121,8 @@ class NewJob:
     deadline: datetime | None = None
     parent_id: str | None = None
     items_total: int | None = None
+    chunk_index: int | None = None
+    state: str = JobState.QUEUED
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ class Finish:
     error: str | None = None
     items: int = 0
     requeue_at: datetime | None = None
+    batch_id: str | None = None
+    batch_size: int | None = None
 
 
 _JOB_COLUMNS = [jobs.c[name] for name in JobView.__dataclass_fields__]
@@ -196,11 +203,12 @@ class JobStore:
                 conn.execute(
                     insert(jobs).values(
                         id=job_id, tenant=job.tenant, kind=job.kind, tier=job.tier,
-                        state=JobState.QUEUED, priority=job.priority,
+                        state=job.state, priority=job.priority,
                         idempotency_key=job.idempotency_key, payload=job.payload,
                         attempts=0, max_attempts=job.max_attempts, created_at=now,
                         queued_at=now, deadline=job.deadline, parent_id=job.parent_id,
-                        items_total=job.items_total, items_done=0, cpu_seconds=0.0,
+                        items_total=job.items_total, chunk_index=job.chunk_index,
+                        items_done=0, cpu_seconds=0.0,
                         wall_seconds=0.0, items=0,
                     )
                 )
@@ -292,7 +300,47 @@ class JobStore:
                 .where(and_(jobs.c.id == job_id, jobs.c.state.in_(JobState.ACTIVE)))
                 .values(state=JobState.CANCELLED, finished_at=now, lease_expires_at=None)
             )
+            if result.rowcount == 1:  # a bulk job's chunks go with it
+                conn.execute(
+                    update(jobs)
+                    .where(and_(jobs.c.parent_id == job_id, jobs.c.state.in_(JobState.ACTIVE)))
+                    .values(state=JobState.CANCELLED, finished_at=now, lease_expires_at=None)
+                )
         return result.rowcount == 1
+
+    # --- bulk jobs ---------------------------------------------------------------------------
+
+    def delete_bulk(self, parent_id: str) -> None:
+        """Remove a bulk job that was refused while its items streamed in."""
+        with self.engine.begin() as conn:
+            conn.execute(jobs.delete().where(jobs.c.parent_id == parent_id))
+            conn.execute(jobs.delete().where(jobs.c.id == parent_id))
+
+    def release_chunks(self, parent_id: str, items_total: int, *,
+                       now: datetime | None = None) -> list[str]:
+        """All items are in: queue the staged chunks and fix the parent's total."""
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == parent_id)
+                         .values(items_total=items_total))
+            conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.parent_id == parent_id, jobs.c.state == JobState.DEFERRED))
+                .values(state=JobState.QUEUED, queued_at=now)
+            )
+            complete_parent(conn, parent_id, now)
+            return list(conn.execute(
+                select(jobs.c.id).where(jobs.c.parent_id == parent_id)
+                .order_by(jobs.c.chunk_index)
+            ).scalars())
+
+    def chunks(self, parent_id: str) -> list[JobView]:
+        """A bulk job's chunks in item order."""
+        with self.engine.connect() as conn:
+            return [JobView(**row._mapping) for row in conn.execute(
+                select(*_JOB_COLUMNS).where(jobs.c.parent_id == parent_id)
+                .order_by(jobs.c.chunk_index)
+            )]
 
     # --- worker side -------------------------------------------------------------------------
 
@@ -509,10 +557,12 @@ def _finish_statements(owned: Sequence[Finish], now: datetime) -> list[tuple[Any
         stmt = update(jobs).where(where).values(
             **base, state=bindparam("f_state"), finished_at=now,
             result=bindparam("f_result", type_=JSON), result_ref=bindparam("f_ref"),
-            items=bindparam("f_items"),
+            items=bindparam("f_items"), batch_id=bindparam("f_batch"),
+            batch_size=bindparam("f_batch_size"),
         )
         out.append((stmt, [{**params(d), "f_state": d.state, "f_result": d.result,
-                            "f_ref": d.result_ref, "f_items": d.items} for d in ended]))
+                            "f_ref": d.result_ref, "f_items": d.items, "f_batch": d.batch_id,
+                            "f_batch_size": d.batch_size} for d in ended]))
     return out
 
 

@@ -1,0 +1,131 @@
+"""Bulk jobs: millions of items streamed from the caller into one parent and many chunks.
+
+Items are read from the iterable one chunk at a time (never all in memory). Each chunk becomes a
+child job whose payload holds its items, staged as ``deferred`` while the stream is read and
+validated; only when the whole stream is in are the chunks queued and published. So a bad item
+anywhere refuses the whole submit with nothing left behind, and no chunk starts on a job that
+could still be refused. Workers write each chunk's results to a file in the result store and
+count its items into the parent in the same transaction as the chunk's own finish, so a
+redelivered chunk neither writes twice nor counts twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis import RedisError
+
+from orchestrator.broker import publish
+from orchestrator.db.models import JobState
+from orchestrator.db.store import NewJob, utcnow
+from orchestrator.errors import InvalidOption, InvalidPayload, ServiceUnavailable
+from orchestrator.kinds import KindSpec
+from orchestrator.tiers import Tier
+
+if TYPE_CHECKING:
+    from orchestrator.client import Client, JobHandle
+
+MAX_CHUNK = 100_000
+
+
+def result_dir(client: Client, parent_id: str) -> str:
+    return str(client.settings.state_dir / "results" / parent_id)
+
+
+def _chunk_payload(spec: KindSpec, field: str, items: list[Any], params: dict[str, Any],
+                   offset: int) -> dict[str, Any]:
+    try:
+        return spec.validate({**params, field: items}).model_dump(mode="json")
+    except InvalidPayload as e:
+        errors = []
+        for err in e.errors:
+            loc = list(err.get("loc", ()))
+            if len(loc) >= 2 and loc[0] == field and isinstance(loc[1], int):
+                loc[1] += offset  # the item's index in the whole stream
+            errors.append({**err, "loc": tuple(loc)})
+        raise InvalidPayload(spec.name, errors) from e
+
+
+def submit_bulk(
+    client: Client,
+    kind: str,
+    items: Iterable[Any],
+    *,
+    params: dict[str, Any] | None,
+    tier: Tier,
+    tenant: str,
+    chunk_size: int | None,
+    idempotency_key: str | None,
+) -> JobHandle:
+    """See ``Client.submit_bulk``."""
+    from orchestrator.client import JobHandle
+
+    spec = client.services.kinds.get(kind)
+    if spec.batch is None or spec.batch.bulk_field is None:
+        raise InvalidOption(f"kind {kind!r} does not take bulk items")
+    size = chunk_size or spec.batch.chunk_size
+    if not 1 <= size <= MAX_CHUNK:
+        raise InvalidOption(f"chunk_size must be between 1 and {MAX_CHUNK}")
+    params = dict(params or {})
+    field = spec.batch.bulk_field
+    if field in params:
+        raise InvalidOption(f"params must not contain {field!r}: the items fill it")
+    store = client.services.store
+    policy = client.settings.policy(tier)
+    max_attempts = spec.retry.resolve(policy).max_attempts or policy.max_attempts
+    # Check the fixed params before reading anything (with a stand-in for the items).
+    if isinstance(items, list | tuple) and items:
+        _chunk_payload(spec, field, list(items[:1]), params, 0)
+    parent = NewJob(
+        tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
+        payload={**params, "bulk": {"field": field, "chunk_size": size}},
+        max_attempts=max_attempts, idempotency_key=idempotency_key, state=JobState.RUNNING,
+    )
+    parent_id, created = store.create(parent)
+    if not created:
+        return JobHandle(client, parent_id, created=False)
+    total = 0
+    try:
+        for index, chunk in enumerate(_chunks(iter(items), size)):
+            payload = _chunk_payload(spec, field, chunk, params, total)
+            store.create(NewJob(
+                tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
+                payload=payload, max_attempts=max_attempts, parent_id=parent_id,
+                items_total=len(chunk), chunk_index=index, state=JobState.DEFERRED,
+            ))
+            total += len(chunk)
+    except BaseException:
+        store.delete_bulk(parent_id)
+        raise
+    _set_result_dir(client, parent_id)
+    chunk_ids = store.release_chunks(parent_id, total)
+    try:
+        for chunk_id in chunk_ids:
+            publish(client.services.celery, chunk_id, tier, policy.priority,
+                    time_limit=policy.time_limit_s)
+    except (KombuOperationalError, RedisError, OSError) as e:
+        store.cancel(parent_id)
+        raise ServiceUnavailable(
+            f"broker refused bulk job {parent_id}; it was cancelled: {e}") from e
+    return JobHandle(client, parent_id, created=True)
+
+
+def _set_result_dir(client: Client, parent_id: str) -> None:
+    from sqlalchemy import update
+
+    from orchestrator.db.models import jobs
+
+    with client.services.engine.begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == parent_id)
+                     .values(result_ref=result_dir(client, parent_id)))
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if not chunk:
+            return
+        yield chunk

@@ -1,0 +1,151 @@
+"""Micro-batching: coalescing, the delay cap, per-item isolation, shares, one write per batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from sqlalchemy import event
+
+from orchestrator import Client, JobFailed
+from orchestrator.batching import buffer_key
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from tests.conftest import WorkerProcess
+from workers.runtime import Runtime
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    rt = Runtime(Services.open(settings), worker="batch-test")
+    yield rt
+    rt.close()
+
+
+def _drain(runtime: Runtime, n: int = 50) -> None:
+    """Run batch triggers in-process until the upper buffer is empty."""
+    for i in range(n):
+        if not runtime.services.redis.llen(buffer_key("nearline", "upper", "g")):
+            return
+        runtime.execute_batch("upper", "g", "nearline", f"msg-{i}")
+
+
+def test_buffered_jobs_are_coalesced_up_to_the_batch_size(
+    client: Client, runtime: Runtime
+) -> None:
+    handles = [client.submit("upper", {"texts": [f"t{i}"]}) for i in range(10)]
+    assert all(h.status() == "queued" for h in handles)
+    _drain(runtime)
+    jobs = [h.job() for h in handles]
+    assert [j.result for j in jobs] == [[f"T{i}"] for i in range(10)]
+    assert [j.batch_size for j in jobs] == [4] * 4 + [4] * 4 + [2] * 2
+    assert len({j.batch_id for j in jobs}) == 3
+    assert jobs[0].batch_id == jobs[3].batch_id != jobs[4].batch_id
+
+
+def test_jobs_with_different_batch_keys_never_share_a_batch(
+    client: Client, runtime: Runtime
+) -> None:
+    a = client.submit("upper", {"texts": ["a"], "group": "g"})
+    b = client.submit("upper", {"texts": ["b"], "group": "other"})
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert a.status() == "succeeded" and b.status() == "queued"
+    runtime.execute_batch("upper", "other", "nearline", "m2")
+    assert b.job().batch_id != a.job().batch_id
+
+
+def test_one_bad_input_fails_alone_and_its_neighbours_succeed(
+    client: Client, runtime: Runtime
+) -> None:
+    good = [client.submit("upper", {"texts": [f"ok{i}"]}) for i in range(2)]
+    boom = client.submit("upper", {"texts": ["boom"]})  # makes the whole call raise
+    bad = client.submit("upper", {"texts": ["bad"]})  # fails only itself
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert [h.status() for h in good] == ["succeeded", "succeeded"]
+    assert bad.status() == "failed" and "bad text" in (bad.job().error or "")
+    # The batch call failed, so each job ran alone; "boom" is transient and retries singly.
+    assert boom.status() == "queued" and boom.job().attempts == 1
+    assert runtime.execute(boom.id) == "dead"
+    with pytest.raises(JobFailed, match="boom"):
+        boom.result(timeout=1)
+
+
+def test_batch_cpu_is_shared_by_the_weights_the_kind_sets(
+    client: Client, runtime: Runtime
+) -> None:
+    short = client.submit("upper", {"texts": ["ab"]})
+    long = client.submit("upper", {"texts": ["abcdefgh"]})
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    s, ln = short.job(), long.job()
+    assert s.batch_id == ln.batch_id and s.batch_size == 2
+    assert ln.cpu_seconds == pytest.approx(4 * s.cpu_seconds, rel=1e-6)
+    assert ln.wall_seconds == pytest.approx(4 * s.wall_seconds, rel=1e-6)
+
+
+def test_the_database_is_written_a_fixed_number_of_times_per_batch(
+    client: Client, runtime: Runtime
+) -> None:
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            statements.append(statement)
+
+    event.listen(runtime.services.engine, "before_cursor_execute", count)
+    try:
+        per_batch = []
+        for size in (1, 4):
+            for i in range(size):
+                client.submit("upper", {"texts": [f"x{i}"]})
+            statements.clear()
+            runtime.execute_batch("upper", "g", "nearline", f"m{size}")
+            per_batch.append(len(statements))
+    finally:
+        event.remove(runtime.services.engine, "before_cursor_execute", count)
+    assert per_batch[0] == per_batch[1]
+    assert per_batch[1] <= 5
+
+
+def test_a_redelivered_trigger_finds_its_own_jobs_and_runs_nothing_twice(
+    client: Client, runtime: Runtime
+) -> None:
+    handles = [client.submit("upper", {"texts": [f"r{i}"]}) for i in range(3)]
+    # Take the batch into a processing list as a worker would, then "die" before finishing.
+    taken = runtime.buffers.take(tier="nearline", kind="upper", key="g",  # type: ignore[arg-type]
+                                 processing="orch:proc:dead-msg", max_batch=4, delay_ms=300)
+    assert len(taken.items) == 3
+    later = client.submit("upper", {"texts": ["later"]})
+    # The redelivered message (same id) gets the same three jobs, not the newer one.
+    runtime.execute_batch("upper", "g", "nearline", "dead-msg")
+    assert [h.status() for h in handles] == ["succeeded"] * 3
+    assert later.status() == "queued"
+    runtime.execute_batch("upper", "g", "nearline", "dead-msg")  # again: nothing runs twice
+    assert [len(client.attempts(h.id)) for h in handles] == [1, 1, 1]
+
+
+@pytest.mark.e2e
+def test_a_lone_job_is_flushed_by_the_delay_cap_counted_from_enqueue(
+    client: Client, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker(concurrency=1)
+    handle = client.submit("upper", {"texts": ["alone"]})
+    assert handle.result(timeout=30) == ["ALONE"]
+    job = handle.job()
+    assert job.batch_size == 1
+    # It waited for the cap (300 ms from enqueue), not for a batch that never filled.
+    assert job.queue_seconds is not None and 0.29 <= job.queue_seconds < 10
+
+
+@pytest.mark.e2e
+def test_a_full_batch_is_flushed_at_once_by_real_workers(
+    client: Client, start_worker: Callable[..., WorkerProcess], redis_client: redis.Redis
+) -> None:
+    start_worker(concurrency=2)
+    handles = [client.submit("upper", {"texts": [f"w{i}"]}) for i in range(40)]
+    jobs = client.wait(handles, timeout=60)
+    assert [j.result for j in jobs] == [[f"W{i}"] for i in range(40)]
+    assert sum(j.batch_size or 0 for j in jobs) / len(jobs) > 2
+    time.sleep(0.5)
+    assert redis_client.llen(buffer_key("nearline", "upper", "g")) == 0
