@@ -66,7 +66,7 @@ def submit_bulk(
     spec = client.services.kinds.get(kind)
     if spec.batch is None or spec.batch.bulk_field is None:
         raise InvalidOption(f"kind {kind!r} does not take bulk items")
-    size = chunk_size or spec.batch.chunk_size
+    size = spec.batch.chunk_size if chunk_size is None else chunk_size
     if not 1 <= size <= MAX_CHUNK:
         raise InvalidOption(f"chunk_size must be between 1 and {MAX_CHUNK}")
     params = dict(params or {})

@@ -591,7 +591,7 @@ def _advance_parents(conn: Connection, progress: dict[str, tuple[int, float, flo
                 items_done=jobs.c.items_done + items,
                 cpu_seconds=jobs.c.cpu_seconds + cpu,
                 wall_seconds=jobs.c.wall_seconds + wall,
-                items=jobs.c.items + items,
+                items=jobs.c["items"] + items,
             )
         )
         if failure is not None:

@@ -1,0 +1,129 @@
+"""Bulk jobs: streamed items, checkpointed chunks, results in files, exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from orchestrator import Client, InvalidOption, InvalidPayload
+from orchestrator.db.models import jobs
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from tests.conftest import WorkerProcess
+from workers.runtime import Runtime
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    rt = Runtime(Services.open(settings), worker="bulk-test")
+    yield rt
+    rt.close()
+
+
+def _stream(n: int, consumed: list[int]) -> Iterator[str]:
+    for i in range(n):
+        consumed.append(i)
+        yield f"item-{i}"
+
+
+def test_bulk_items_stream_into_chunks_and_results_come_back_in_order(
+    client: Client, runtime: Runtime
+) -> None:
+    consumed: list[int] = []
+    handle = client.submit_bulk("upper", _stream(250, consumed), chunk_size=100,
+                                tenant="acme")
+    parent = handle.job()
+    assert parent.items_total == 250 and parent.items_done == 0 and parent.tier == "offline"
+    chunks = client.chunks(handle.id)
+    assert [c.items_total for c in chunks] == [100, 100, 50]
+    assert [c.chunk_index for c in chunks] == [0, 1, 2]
+    assert all(c.state == "queued" and c.parent_id == handle.id for c in chunks)
+    for chunk in chunks:
+        assert runtime.execute(chunk.id) == "succeeded"
+        progress = handle.job()
+        assert progress.items_done == sum(c.items_total or 0 for c in chunks[: chunk.chunk_index
+                                                                              + 1])
+    assert handle.status() == "succeeded"
+    assert handle.result(timeout=1)["items"] == 250
+    assert list(client.bulk_results(handle.id, timeout=1)) == [f"ITEM-{i}" for i in range(250)]
+    done = handle.job()
+    assert done.items == 250 and done.cpu_seconds == pytest.approx(
+        sum(c.cpu_seconds for c in client.chunks(handle.id)))
+
+
+def test_a_redelivered_chunk_neither_writes_nor_counts_twice(
+    client: Client, runtime: Runtime
+) -> None:
+    handle = client.submit_bulk("upper", [f"x{i}" for i in range(20)], chunk_size=10)
+    first, second = client.chunks(handle.id)
+    assert runtime.execute(first.id) == "succeeded"
+    assert runtime.execute(first.id) is None  # duplicate delivery
+    assert handle.job().items_done == 10
+    files = sorted(Path(handle.job().result_ref or "").iterdir())
+    assert [f.name for f in files] == [f"{first.id}.jsonl"]
+    assert runtime.execute(second.id) == "succeeded"
+    assert handle.job().items_done == 20 and handle.status() == "succeeded"
+
+
+def test_a_bad_item_anywhere_refuses_the_bulk_job_and_leaves_nothing(
+    client: Client, runtime: Runtime
+) -> None:
+    items: list[object] = [f"ok-{i}" for i in range(537)] + [{"not": "text"}] + ["tail"]
+    with pytest.raises(InvalidPayload) as info:
+        client.submit_bulk("upper", iter(items), chunk_size=100)
+    assert [tuple(e["loc"]) for e in info.value.errors] == [("texts", 537)]
+    with client.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
+    with pytest.raises(InvalidOption, match="does not take bulk items"):
+        client.submit_bulk("echo", ["a"])
+    with pytest.raises(InvalidOption, match="chunk_size"):
+        client.submit_bulk("upper", ["a"], chunk_size=0)
+
+
+def test_bulk_idempotency_key_returns_the_same_job_without_reading_items(
+    client: Client,
+) -> None:
+    first = client.submit_bulk("upper", ["a", "b"], idempotency_key="nightly-2026-11-24")
+    consumed: list[int] = []
+    again = client.submit_bulk("upper", _stream(10, consumed),
+                               idempotency_key="nightly-2026-11-24")
+    assert again.id == first.id and not again.created and consumed == []
+
+
+def test_cancelling_a_bulk_job_cancels_its_chunks(client: Client, runtime: Runtime) -> None:
+    handle = client.submit_bulk("upper", [f"c{i}" for i in range(30)], chunk_size=10)
+    assert handle.cancel()
+    assert {c.state for c in client.chunks(handle.id)} == {"cancelled"}
+    assert all(runtime.execute(c.id) is None for c in client.chunks(handle.id))
+
+
+@pytest.mark.e2e
+def test_bulk_resumes_after_a_killed_worker_with_every_item_done_once(
+    client: Client, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    items = [f"slow-{i}" if i % 10 == 0 else f"i{i}" for i in range(60)]
+    a = start_worker(concurrency=1)
+    handle = client.submit_bulk("upper", items, chunk_size=10)
+    deadline = time.monotonic() + 30
+    while handle.job().items_done < 10:  # at least one chunk done, others pending
+        assert time.monotonic() < deadline, "no chunk finished"
+        time.sleep(0.05)
+    running = [c for c in client.chunks(handle.id) if c.state == "running"]
+    if running:
+        attempt = client.attempts(running[0].id)[-1]
+        os.kill(int(attempt.worker.rsplit(":", 1)[1]), signal.SIGKILL)
+    else:
+        a.kill()
+    start_worker(concurrency=1)
+    result = handle.result(timeout=90)
+    assert result["items"] == 60
+    assert list(client.bulk_results(handle.id)) == [t.upper() for t in items]
+    chunks = client.chunks(handle.id)
+    assert all(c.state == "succeeded" for c in chunks)
+    assert sum(c.items for c in chunks) == 60 == handle.job().items_done
