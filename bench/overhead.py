@@ -5,9 +5,9 @@
 Each round measures, alternating the order of the sides:
 
 * ``celery``: a plain Celery app and a no-op task (``bench/vanilla.py``), 2 prefork processes;
-* ``celery-matched``: the same no-op task under the orchestrator's Celery settings (late ack,
-  no prefetch, three priority queues), which separates Celery-configuration cost from
-  database cost;
+* ``celery-matched`` (only with ``--matched``): the same no-op task under the orchestrator's
+  Celery settings (late ack, no prefetch, three priority queues), which separates the cost of
+  the Celery configuration from the cost of the database;
 * ``orchestrator``: ``echo`` jobs through ``Client.submit`` and an ``orchestrator worker``
   subprocess, every job durable in a throwaway PostgreSQL database;
 
@@ -438,6 +438,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _table(["step", "µs/job", "calls/job"], [
         [label, v["us_per_job"], v["calls_per_job"]]
         for label, v in parts["execute_us_per_job"].items()])
+    lines += ["", "Under cProfile (inflated), cumulative µs per job:", ""]
+    lines += _table(["function", "calls/job", "cum µs/job"], [
+        [r["function"], r["calls_per_job"], r["cum_us_per_job"]]
+        for r in parts["profile"]["watched_by_cumulative"]])
     lines += ["", "## Submit path in-process", ""]
     lines += _table(["step", "µs/job", "calls/job"], [
         [label, v["us_per_job"], v["calls_per_job"]]
@@ -460,9 +464,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432",
                         help="server URL; a throwaway database is created and dropped")
-    parser.add_argument("--breakdown-jobs", type=int, default=2000)
-    parser.add_argument("--no-matched", action="store_true",
-                        help="skip the Celery run with the orchestrator's Celery settings")
+    parser.add_argument("--breakdown-jobs", type=int, default=1000)
+    parser.add_argument("--matched", action="store_true",
+                        help="also run the no-op task under the orchestrator's Celery settings")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return parser.parse_args(argv)
 
@@ -482,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
                       log_dir=Path(tmp))
         try:
             sides: list[Side] = [CelerySide(bench, matched=False), OrchestratorSide(bench)]
-            if not args.no_matched:
+            if args.matched:
                 sides.insert(1, CelerySide(bench, matched=True))
             rounds = run_rounds(sides, args)
             print("in-process breakdown of the worker's per-job path", flush=True)

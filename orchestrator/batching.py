@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from orchestrator.broker import time_limits
 from orchestrator.tiers import Tier
 
 BATCH_TASK = "orchestrator.batch"
@@ -106,15 +107,17 @@ class Buffers:
         self._take = client.register_script(_TAKE)
 
     def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
-             enqueued_at: datetime, max_batch: int, delay_ms: float) -> None:
+             enqueued_at: datetime, max_batch: int, delay_ms: float,
+             time_limit: float | None = None) -> None:
         """Buffer one job and publish the trigger it needs, if any."""
         buffer = buffer_key(tier, kind, key)
         length = int(self.redis.rpush(buffer, encode_item(job_id, enqueued_at)))
         if length % max_batch == 0:
-            self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None)
+            self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
+                         time_limit=time_limit)
         elif length == 1:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority,
-                         countdown=delay_ms / 1000.0)
+                         countdown=delay_ms / 1000.0, time_limit=time_limit)
 
     def remove(self, *, tier: Tier, kind: str, key: str, job_id: str,
                enqueued_at: datetime) -> None:
@@ -122,7 +125,8 @@ class Buffers:
         self.redis.lrem(buffer_key(tier, kind, key), 1, encode_item(job_id, enqueued_at))
 
     def trigger(self, *, tier: Tier, kind: str, key: str, priority: int,
-                countdown: float | None, counted: bool = False) -> None:
+                countdown: float | None, counted: bool = False,
+                time_limit: float | None = None) -> None:
         """Publish a trigger; ``counted`` when ``take`` already counted it as pending."""
         if not counted:
             buffer = buffer_key(tier, kind, key)
@@ -134,6 +138,7 @@ class Buffers:
                                    "priority": priority}
         if countdown:
             options["countdown"] = countdown
+        options.update(time_limits(time_limit))
         self.celery.send_task(BATCH_TASK, args=[kind, key, tier.value], **options)
 
     def take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,

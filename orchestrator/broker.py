@@ -50,7 +50,8 @@ def make_celery(settings: Settings, *, name: str = "orchestrator") -> Celery:
         worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        task_time_limit=longest,
+        task_soft_time_limit=longest,
+        task_time_limit=longest + HARD_LIMIT_GRACE_S,
         broker_pool_limit=10,
     )
     return app
@@ -79,9 +80,20 @@ def publish(
     }
     if countdown:
         options["countdown"] = countdown
-    if time_limit:
-        options["time_limit"] = time_limit
+    options.update(time_limits(time_limit))
     app.send_task(RUN_TASK, args=[job_id], **options)
+
+
+#: Seconds between the soft limit (the kind is interrupted and the attempt fails as transient)
+#: and the hard one (the pool process is killed).
+HARD_LIMIT_GRACE_S = 30.0
+
+
+def time_limits(limit_s: float | None) -> dict[str, float]:
+    """Celery options for a tier's time limit: soft at the limit, hard a grace period later."""
+    if not limit_s:
+        return {}
+    return {"soft_time_limit": limit_s, "time_limit": limit_s + HARD_LIMIT_GRACE_S}
 
 
 def queue_key(tier: Tier, priority: int) -> str:

@@ -20,7 +20,7 @@ from redis import RedisError
 
 from orchestrator.broker import publish
 from orchestrator.db.models import JobState
-from orchestrator.db.store import NewJob, utcnow
+from orchestrator.db.store import NewJob
 from orchestrator.errors import InvalidOption, InvalidPayload, ServiceUnavailable
 from orchestrator.kinds import KindSpec
 from orchestrator.tiers import Tier

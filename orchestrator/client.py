@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
+import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel
 from redis import RedisError
@@ -155,6 +156,7 @@ class Client:
                         tier=chosen, kind=kind, key=spec.batch_key(model),
                         priority=policy.priority, job_id=job_id, enqueued_at=now,
                         max_batch=spec.batch.size(policy), delay_ms=spec.batch.delay_ms(policy),
+                        time_limit=policy.time_limit_s,
                     )
                 else:
                     publish(self.services.celery, job_id, chosen, policy.priority,
@@ -261,18 +263,16 @@ class Client:
         ids = [h.id if isinstance(h, JobHandle) else h for h in handles]
         store = self.services.store
         done: dict[str, JobView] = {}
-        pubsub = self.services.redis.pubsub(ignore_subscribe_messages=True)
+        pending = set(ids)
+        first_look = store.get_many(sorted(pending))
+        missing = next((i for i in ids if i not in first_look), None)
+        if missing is not None:
+            raise JobNotFound(missing)
+        self._refresh(first_look, pending, done)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = self.settings.result_wait_poll_s
+        signals = _Signals(self.services.redis, [i for i in ids if i in pending])
         try:
-            pending = set(ids)
-            first_look = store.get_many(sorted(pending))
-            missing = next((i for i in ids if i not in first_look), None)
-            if missing is not None:
-                raise JobNotFound(missing)
-            self._refresh(first_look, pending, done)
-            for start in range(0, len(ids), 1000):
-                pubsub.subscribe(*[done_channel(i) for i in ids[start:start + 1000]])
-            deadline = None if timeout is None else time.monotonic() + timeout
-            poll = self.settings.result_wait_poll_s
             next_poll = time.monotonic()  # re-read once subscribed: no end slips between
             while pending:
                 now = time.monotonic()
@@ -284,16 +284,13 @@ class Client:
                     first = next(i for i in ids if i in pending)
                     current = store.get(first)
                     raise JobTimeout(first, timeout or 0.0, current.state if current else "?")
-                wait_for = next_poll - now if deadline is None else min(next_poll, deadline) - now
-                message = pubsub.get_message(timeout=max(wait_for, 0.001))
-                if message is None:
-                    continue
-                job_id = message["channel"].decode().removeprefix("orch:done:")
-                if job_id in pending:
-                    # The signal says "look now"; the row is the truth.
-                    self._refresh(store.get_many([job_id]), pending, done)
+                until = next_poll if deadline is None else min(next_poll, deadline)
+                # A signal says "look now"; the row is the truth.
+                woken = signals.wait(until - now) & pending
+                if woken:
+                    self._refresh(store.get_many(sorted(woken)), pending, done)
         finally:
-            pubsub.close()
+            signals.close()
         return [done[i] for i in ids]
 
     @staticmethod
@@ -361,3 +358,40 @@ def _parse_deadline(deadline: datetime | timedelta | float | None) -> datetime |
         raise InvalidOption(f"deadline {due.isoformat()} is already past")
     return due
 
+
+
+class _Signals:
+    """Job-end announcements on Redis pub/sub. If Redis fails, waiting falls back to polling."""
+
+    def __init__(self, client: redis.Redis, job_ids: list[str]) -> None:
+        self._pubsub: Any = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            for start in range(0, len(job_ids), 1000):
+                self._pubsub.subscribe(*[done_channel(i) for i in job_ids[start:start + 1000]])
+        except RedisError:
+            self._lost()
+
+    def _lost(self) -> None:
+        log.warning("lost the Redis signal connection; waiting by polling the database",
+                    exc_info=True)
+        self._pubsub.close()
+        self._pubsub = None
+
+    def wait(self, seconds: float) -> set[str]:
+        """Ids announced within ``seconds`` (all that arrived, once the first one has)."""
+        if self._pubsub is None:
+            time.sleep(max(seconds, 0.0))
+            return set()
+        woken: set[str] = set()
+        try:
+            message = self._pubsub.get_message(timeout=max(seconds, 0.001))
+            while message is not None:
+                woken.add(message["channel"].decode().removeprefix("orch:done:"))
+                message = self._pubsub.get_message(timeout=0)
+        except RedisError:
+            self._lost()
+        return woken
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()

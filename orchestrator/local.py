@@ -6,6 +6,7 @@ Used by ``orchestrator demo``, the end-to-end tests and the benchmarks: each wor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,19 +73,15 @@ class LocalWorker:
 
     def kill(self) -> None:
         """SIGKILL the main process and its pool: no chance to clean up."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 30) -> int | None:
         """Warm shutdown (SIGTERM: finish running tasks), then SIGKILL after ``timeout``."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -1,7 +1,8 @@
 """One typed settings object, built from the environment and passed down.
 
-Nothing here connects to anything. With neither ``ORCH_DATABASE_URL`` nor ``ORCH_BROKER_URL``
-set, the embedded default applies: a SQLite file and a private Redis, both under the state dir.
+Nothing here connects to anything. The embedded default applies to each URL on its own: with
+no ``ORCH_DATABASE_URL`` the database is a SQLite file under the state dir, and with no
+``ORCH_BROKER_URL`` the broker is a private Redis on a socket in the state dir.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Settings(BaseModel):
         raw: dict[str, object] = {
             "database_url": env.get("ORCH_DATABASE_URL") or None,
             "broker_url": env.get("ORCH_BROKER_URL") or None,
-            "imports": tuple(m.strip() for m in env.get("ORCH_IMPORTS", "").split(",") if m.strip()),
+            "imports": tuple(
+                m.strip() for m in env.get("ORCH_IMPORTS", "").split(",") if m.strip()),
             "state_dir": state_dir,
             "model_dir": Path(env.get("ORCH_MODEL_DIR") or state_dir / "models").expanduser(),
         }

@@ -27,8 +27,8 @@ from orchestrator.local import LocalWorker
 from orchestrator.settings import Settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REDIS_URL = os.environ.get("ORCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-PG_ADMIN_URL = os.environ.get("ORCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _missing(service: str, reason: str) -> None:
@@ -86,7 +86,7 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             name = f"orch_test_{uuid.uuid4().hex[:10]}"
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:  # noqa: BLE001 - any failure to reach the server is "unavailable"
+    except Exception as e:
         _missing("PostgreSQL", f"{PG_ADMIN_URL}: {type(e).__name__}: {e}")
         return
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -60,7 +60,7 @@ def test_same_idempotency_key_from_20_threads_creates_one_job(
         try:
             barrier.wait()
             ids.append(client.submit("echo", {"n": 1}, tenant="t1", idempotency_key="k-1").id)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=submit) for _ in range(20)]
@@ -99,7 +99,7 @@ def test_invalid_payload_is_refused_field_by_field_and_leaves_nothing(
 def test_unknown_kind_and_bad_options_are_typed_errors_that_leave_nothing(
     client: Client, redis_client: redis.Redis
 ) -> None:
-    with pytest.raises(UnknownKind, match="'embedd'.*declared kinds: .*echo"):
+    with pytest.raises(UnknownKind, match=r"'embedd'.*declared kinds: .*echo"):
         client.submit("embedd", {})
     with pytest.raises(InvalidOption, match="unknown tier"):
         client.submit("echo", {}, tier="urgent")

@@ -25,11 +25,11 @@ from orchestrator.db.models import JobState, Outcome
 from orchestrator.db.store import Claim, Finish, utcnow
 from orchestrator.errors import PermanentError, SubmitError, UnknownKind
 from orchestrator.kinds import KindSpec
+from orchestrator.results import ResultStore
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
 from workers.execution import Heartbeat, Outcomes, call_kind
-from orchestrator.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class Runtime:
         if taken.retrigger_in_s is not None:
             # More is buffered than this batch takes: let another slot start on it now.
             self.buffers.trigger(tier=Tier(tier), kind=kind, key=key, priority=policy.priority,
-                                 countdown=taken.retrigger_in_s, counted=True)
+                                 countdown=taken.retrigger_in_s, counted=True,
+                                 time_limit=policy.time_limit_s)
         ids = [job_id for job_id, _ in taken.items]
         claims = self.services.store.claim_many(ids, self.worker, self._leases)
         claimed = {c.job_id for c in claims}

@@ -54,7 +54,7 @@ def list_jobs(
     if tier is not None and tier not in {t.value for t in Tier}:
         raise InvalidOption(f"unknown tier {tier!r}; choose from interactive, nearline, offline")
     with _store() as store:
-        rows = store.list(state=state, tenant=tenant, kind=kind, tier=tier, limit=limit)
+        rows = store.find(state=state, tenant=tenant, kind=kind, tier=tier, limit=limit)
     if as_json:
         typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
         return

@@ -17,7 +17,8 @@ def worker(
     concurrency: int = typer.Option(
         2, "--concurrency", "-c", min=1, help="pool processes (job slots)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Celery log level"),
-    hostname: str = typer.Option(None, "--hostname", "-n", help="worker name (default: tiers@host)"),
+    hostname: str = typer.Option(
+        None, "--hostname", "-n", help="worker name (default: tiers@host)"),
 ) -> None:
     """Start a worker: e.g. `--tiers interactive` for reserved interactive capacity."""
     from workers.app import run_worker

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -57,7 +58,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
 
 class JobState:
@@ -154,6 +155,6 @@ class Attempt(Base):
     wall_seconds: Mapped[float | None]
 
 
-jobs = Job.__table__
-attempts = Attempt.__table__
-tenants = Tenant.__table__
+jobs = cast(Table, Job.__table__)
+attempts = cast(Table, Attempt.__table__)
+tenants = cast(Table, Tenant.__table__)

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.db.models import JobState, Outcome, UTCDateTime, attempts, jobs, tenants
+from orchestrator.tiers import Tier
 
 
 def utcnow() -> datetime:
@@ -254,7 +255,7 @@ class JobStore:
                     out[row.id] = JobView(**row._mapping)
         return out
 
-    def list(
+    def find(
         self,
         *,
         state: str | None = None,
@@ -344,13 +345,13 @@ class JobStore:
 
     # --- worker side -------------------------------------------------------------------------
 
-    def claim(self, job_id: str, worker: str, lease_s: Mapping[str, float], *,
+    def claim(self, job_id: str, worker: str, lease_s: Mapping[Tier, float], *,
               now: datetime | None = None) -> Claim | None:
         """Claim one job; see ``claim_many``."""
         claims = self.claim_many([job_id], worker, lease_s, now=now)
         return claims[0] if claims else None
 
-    def claim_many(self, job_ids: Sequence[str], worker: str, lease_s: Mapping[str, float], *,
+    def claim_many(self, job_ids: Sequence[str], worker: str, lease_s: Mapping[Tier, float], *,
                    now: datetime | None = None) -> list[Claim]:
         """Move queued jobs (or running ones whose lease expired) to running, attempt + 1.
 
