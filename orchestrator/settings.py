@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from orchestrator.errors import ConfigurationError
 from orchestrator.tiers import DEFAULT_POLICIES, TIER_ORDER, Tier, TierPolicy
 
-BUILTIN_IMPORTS: tuple[str, ...] = ("workers.kinds.basic",)
+BUILTIN_IMPORTS: tuple[str, ...] = ("workers.kinds.basic", "workers.kinds.inference")
 EMBEDDED_SOCKET = "redis.sock"
 
 
@@ -39,6 +39,9 @@ class Settings(BaseModel):
     visibility_timeout_s: float = Field(default=4 * 3600, gt=0)
     unacked_restore_s: float = Field(default=10, gt=0)
     result_wait_poll_s: float = Field(default=5.0, gt=0)
+    model_threads: int = Field(default=1, ge=1, le=64)
+    model_batch: int = Field(default=16, ge=1, le=4096)
+    embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
 
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
@@ -64,7 +67,8 @@ class Settings(BaseModel):
         known = {
             "ORCH_DATABASE_URL", "ORCH_BROKER_URL", "ORCH_IMPORTS", "ORCH_STATE_DIR",
             "ORCH_MODEL_DIR", "ORCH_VISIBILITY_TIMEOUT_S", "ORCH_UNACKED_RESTORE_S",
-            "ORCH_RESULT_WAIT_POLL_S",
+            "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
+            "ORCH_EMBED_VARIANT",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -88,6 +92,9 @@ class Settings(BaseModel):
             ("visibility_timeout_s", "ORCH_VISIBILITY_TIMEOUT_S"),
             ("unacked_restore_s", "ORCH_UNACKED_RESTORE_S"),
             ("result_wait_poll_s", "ORCH_RESULT_WAIT_POLL_S"),
+            ("model_threads", "ORCH_MODEL_THREADS"),
+            ("model_batch", "ORCH_MODEL_BATCH"),
+            ("embed_variant", "ORCH_EMBED_VARIANT"),
         ):
             if env.get(var):
                 raw[key] = env[var]
@@ -145,6 +152,9 @@ class Settings(BaseModel):
             "ORCH_VISIBILITY_TIMEOUT_S": repr(self.visibility_timeout_s),
             "ORCH_UNACKED_RESTORE_S": repr(self.unacked_restore_s),
             "ORCH_RESULT_WAIT_POLL_S": repr(self.result_wait_poll_s),
+            "ORCH_MODEL_THREADS": str(self.model_threads),
+            "ORCH_MODEL_BATCH": str(self.model_batch),
+            "ORCH_EMBED_VARIANT": self.embed_variant,
         }
         if self.database_url:
             env["ORCH_DATABASE_URL"] = self.database_url

@@ -1,0 +1,139 @@
+"""``embed`` and ``score`` through the client and the runtime, on tiny ONNX models."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator import Client, InvalidPayload, JobFailed
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from tests.conftest import WorkerProcess
+from workers.models.builders import build_scoring_models, build_tiny_embedding_model
+from workers.runtime import Runtime
+
+
+@pytest.fixture
+def models(settings: Settings, tmp_path: Path) -> Path:
+    """A model dir with a tiny embedding model ("tiny") and the synthetic scoring pair."""
+    model_path, tokenizer_path = build_tiny_embedding_model(tmp_path / "build")
+    tiny = settings.model_dir / "tiny"
+    tiny.mkdir(parents=True)
+    shutil.copy(model_path, tiny / "model-int8.onnx")
+    shutil.copy(tokenizer_path, tiny / "tokenizer.json")
+    build_scoring_models(settings.model_dir / "scoring-synthetic")
+    return settings.model_dir
+
+
+@pytest.fixture
+def runtime(settings: Settings, models: Path) -> Iterator[Runtime]:
+    rt = Runtime(Services.open(settings), worker="inference-test")
+    rt.setup_kinds()
+    yield rt
+    rt.close()
+
+
+def test_embed_jobs_share_one_model_call_and_get_unit_vectors(
+    client: Client, runtime: Runtime
+) -> None:
+    a = client.submit("embed", {"texts": ["the cat sat", "a dog"], "model": "tiny"})
+    b = client.submit("embed", {"texts": ["the cat sat on the mat"], "model": "tiny"})
+    assert a.job().tier == "interactive"
+    runtime.execute_batch("embed", "tiny", "interactive", "m1")
+    ja, jb = a.job(), b.job()
+    assert ja.batch_id == jb.batch_id and ja.batch_size == 2
+    va, vb = np.asarray(ja.result), np.asarray(jb.result)
+    assert va.shape[0] == 2 and vb.shape[0] == 1 and va.shape[1] == vb.shape[1]
+    assert np.allclose(np.linalg.norm(va, axis=1), 1.0, atol=1e-5)
+    assert ja.items == 2 and jb.items == 1
+    # CPU is shared by tokens: 3 + 2 tokens against 6.
+    assert ja.cpu_seconds / jb.cpu_seconds == pytest.approx(5 / 6, rel=1e-6)
+
+
+def test_the_same_text_gets_the_same_vector_whatever_its_batch(
+    client: Client, runtime: Runtime
+) -> None:
+    alone = client.submit("embed", {"texts": ["the cat"], "model": "tiny"}, tier="nearline")
+    runtime.execute_batch("embed", "tiny", "nearline", "m1")
+    crowd = client.submit("embed", {"texts": ["the cat", "a dog sat on the mat today"],
+                                    "model": "tiny"}, tier="nearline")
+    runtime.execute_batch("embed", "tiny", "nearline", "m2")
+    assert np.allclose(alone.job().result[0], crowd.job().result[0], atol=1e-6)
+
+
+def test_an_unknown_model_fails_the_job_permanently(client: Client, runtime: Runtime) -> None:
+    handle = client.submit("embed", {"texts": ["x"], "model": "not-exported"})
+    runtime.execute_batch("embed", "not-exported", "interactive", "m1")
+    with pytest.raises(JobFailed, match="not-exported.*unavailable"):
+        handle.result(timeout=1)
+    assert handle.job().attempts == 1
+
+
+def test_score_escalates_unsure_rows_and_says_which_model_answered(
+    client: Client, runtime: Runtime
+) -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(20, 16)).round(4).tolist()
+    never = client.submit("score", {"rows": rows, "threshold": 0.0})
+    runtime.execute_batch("score", "scoring-synthetic@0", "nearline", "m1")
+    always = client.submit("score", {"rows": rows, "threshold": 1.0})
+    runtime.execute_batch("score", "scoring-synthetic@1", "nearline", "m2")
+    some = client.submit("score", {"rows": rows, "threshold": 0.9})
+    runtime.execute_batch("score", "scoring-synthetic@0.9", "nearline", "m3")
+    assert {r["model"] for r in never.result(timeout=1)} == {"scoring-synthetic/small"}
+    assert not any(r["escalated"] for r in never.result(timeout=1))
+    assert {r["model"] for r in always.result(timeout=1)} == {"scoring-synthetic/large"}
+    mixed = some.result(timeout=1)
+    assert len(mixed) == 20 and all(0.0 <= r["score"] <= 1.0 for r in mixed)
+    for r, small, large in zip(mixed, never.result(timeout=1), always.result(timeout=1),
+                               strict=True):
+        assert r == (large if small["score"] < 0.9 else small)
+
+
+def test_score_payloads_are_checked_at_submit(client: Client) -> None:
+    with pytest.raises(InvalidPayload, match="same length"):
+        client.submit("score", {"rows": [[1.0, 2.0], [3.0]]})
+    with pytest.raises(InvalidPayload, match="threshold"):
+        client.submit("score", {"rows": [[1.0]], "threshold": 2})
+    with pytest.raises(InvalidPayload, match="texts"):
+        client.submit("embed", {"texts": []})
+
+
+def test_a_row_of_the_wrong_width_fails_only_its_own_job(
+    client: Client, runtime: Runtime
+) -> None:
+    good = client.submit("score", {"rows": [[0.1] * 16]})
+    wrong = client.submit("score", {"rows": [[0.1] * 3]})
+    runtime.execute_batch("score", "scoring-synthetic@0.8", "nearline", "m1")
+    assert good.status() == "succeeded"
+    assert wrong.status() == "failed"
+
+
+def test_bulk_embed_streams_vectors_to_npy_files(client: Client, runtime: Runtime) -> None:
+    texts = (f"the cat number {i}" for i in range(50))
+    handle = client.submit_bulk("embed", texts, params={"model": "tiny"}, chunk_size=20)
+    for chunk in client.chunks(handle.id):
+        assert runtime.execute(chunk.id) == "succeeded"
+        assert (chunk_ref := client.get(chunk.id).result_ref) and chunk_ref.endswith(".npy")
+    vectors = np.stack(list(client.bulk_results(handle.id, timeout=1)))
+    assert vectors.shape[0] == 50
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_embed_and_score_run_end_to_end_on_all_three_tiers(
+    client: Client, models: Path, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker(concurrency=2)
+    handles = []
+    for tier in ("interactive", "nearline", "offline"):
+        handles += [client.submit("embed", {"texts": [f"{tier} text {i}"], "model": "tiny"},
+                                  tier=tier) for i in range(5)]
+        handles.append(client.submit("score", {"rows": [[0.5] * 16] * 3}, tier=tier))
+    jobs = client.wait(handles, timeout=60)
+    assert [j.state for j in jobs] == ["succeeded"] * len(jobs)
+    assert {j.tier for j in jobs} == {"interactive", "nearline", "offline"}
