@@ -68,7 +68,7 @@ def test_the_same_text_gets_the_same_vector_whatever_its_batch(
 def test_an_unknown_model_fails_the_job_permanently(client: Client, runtime: Runtime) -> None:
     handle = client.submit("embed", {"texts": ["x"], "model": "not-exported"})
     runtime.execute_batch("embed", "not-exported", "interactive", "m1")
-    with pytest.raises(JobFailed, match="not-exported.*unavailable"):
+    with pytest.raises(JobFailed, match=r"not-exported.*unavailable"):
         handle.result(timeout=1)
     assert handle.job().attempts == 1
 
