@@ -41,6 +41,34 @@ class Planned:
     key: str | None = None
 
 
+def prepare_models(settings: Settings, console: Console) -> str | None:
+    """The embedding model the demo uses: the exported MiniLM if there, else a tiny one.
+
+    Also makes sure the synthetic scoring pair exists. Returns None (and the demo skips model
+    work) when neither can be had: building needs ``onnx`` (``pip install '.[dev]'``).
+    """
+    real = settings.model_dir / "all-MiniLM-L6-v2" / f"model-{settings.embed_variant}.onnx"
+    try:
+        from workers.models.builders import build_scoring_models, build_tiny_embedding_model
+    except ImportError:
+        console.print("onnx is not installed: skipping model work (pip install '.[dev]')")
+        return None
+    scoring = settings.model_dir / "scoring-synthetic"
+    if not (scoring / "model-large.onnx").exists():
+        build_scoring_models(scoring)
+    if real.exists():
+        return "all-MiniLM-L6-v2"
+    tiny = settings.model_dir / "demo-tiny"
+    if not (tiny / f"model-{settings.embed_variant}.onnx").exists():
+        tiny.mkdir(parents=True, exist_ok=True)
+        model_path, tokenizer_path = build_tiny_embedding_model(tiny / "build")
+        model_path.replace(tiny / f"model-{settings.embed_variant}.onnx")
+        tokenizer_path.replace(tiny / "tokenizer.json")
+    console.print("using a tiny demo embedding model (`orchestrator models export` makes "
+                  "all-MiniLM-L6-v2)")
+    return "demo-tiny"
+
+
 def plan_workload(rng: random.Random, run: str) -> tuple[list[Planned], list[Planned]]:
     """An offline backlog submitted first, then a stream of interactive and nearline work.
 
@@ -65,6 +93,21 @@ def plan_workload(rng: random.Random, run: str) -> tuple[list[Planned], list[Pla
                                   key=f"{run}-req-{i}"))
     stream.append(Planned("burn", {"ms": 1, "fail_permanently": True}, "nearline", "globex"))
     return backlog, stream
+
+
+def plan_model_work(model: str, run: str) -> list[Planned]:
+    """Single-text embeddings (interactive and nearline) and small scoring jobs, interleaved."""
+    words = ["orchestrator", "queue", "tier", "batch", "embedding", "window", "tenant", "cost"]
+    out = []
+    for i in range(60):
+        text = f"{words[i % 8]} {words[(i * 3) % 8]} request {i}"
+        tier = "interactive" if i % 3 else "nearline"
+        out.append(Planned("embed", {"texts": [text], "model": model}, tier, TENANTS[i % 3],
+                           key=f"{run}-embed-{i}"))
+        if i % 6 == 0:
+            rows = [[((i + j) % 7) / 7.0 - 0.5 for j in range(16)] for _ in range(4)]
+            out.append(Planned("score", {"rows": rows}, "nearline", TENANTS[i % 3]))
+    return out
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -99,7 +142,8 @@ def run_demo(settings: Settings | None = None, *, console: Console | None = None
                 worker.wait_ready()
             console.print(f"workers ready: {', '.join(w.name for w in workers)} "
                           f"(logs in {logs})")
-            handles, duplicates_ok, refused = _submit_and_follow(client, rng, console)
+            model = prepare_models(settings, console)
+            handles, duplicates_ok, refused = _submit_and_follow(client, rng, console, model)
             jobs = client.wait(handles, timeout=120)
         finally:
             for worker in workers:
@@ -115,9 +159,14 @@ def run_demo(settings: Settings | None = None, *, console: Console | None = None
     return 0 if ok else 1
 
 
-def _submit_and_follow(client: Client, rng: random.Random, console: Console
-                       ) -> tuple[list[JobHandle], bool, bool]:
-    backlog, stream = plan_workload(rng, uuid.uuid4().hex[:8])
+def _submit_and_follow(client: Client, rng: random.Random, console: Console,
+                       model: str | None) -> tuple[list[JobHandle], bool, bool]:
+    run = uuid.uuid4().hex[:8]
+    backlog, stream = plan_workload(rng, run)
+    if model is not None:
+        extra = plan_model_work(model, run)
+        mixed = [item for pair in zip(stream, extra, strict=False) for item in pair]
+        stream = mixed + stream[len(extra):] + extra[len(stream):]
     handles: list[JobHandle] = []
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -133,6 +182,14 @@ def _submit_and_follow(client: Client, rng: random.Random, console: Console
         for item in backlog:
             handles.append(client.submit(item.kind, item.payload, tier=item.tier,
                                          tenant=item.tenant, idempotency_key=item.key))
+            progress.advance(submitted)
+        if model is not None:
+            # A bulk scoring job: 6,000 rows streamed into chunks that run offline.
+            rows = ([((i * 7 + j) % 11) / 11.0 - 0.5 for j in range(16)] for i in range(6000))
+            handles.append(client.submit_bulk("score", rows, chunk_size=1000, tenant="initech",
+                                              idempotency_key=f"{run}-bulk-score"))
+            for task in (submitted, finished):
+                progress.update(task, total=(progress.tasks[task].total or 0) + 1)
             progress.advance(submitted)
         for n, item in enumerate(stream):
             handles.append(client.submit(item.kind, item.payload, tier=item.tier,
@@ -188,6 +245,22 @@ def _print_summary(console: Console, jobs: list[JobView], duplicates_ok: bool, r
         group = [j for j in jobs if j.tenant == tenant]
         tenants.add_row(tenant, str(len(group)), f"{sum(j.cpu_seconds for j in group):.2f}")
     console.print(tenants)
+    batched = [j for j in jobs if j.kind in ("embed", "score") and j.batch_size]
+    if batched:
+        kinds = Table(title="micro-batching (model kinds)", header_style="bold")
+        for column in ("kind", "jobs", "model calls", "mean batch", "largest"):
+            kinds.add_column(column)
+        for name in sorted({j.kind for j in batched}):
+            group = [j for j in batched if j.kind == name]
+            calls = {j.batch_id for j in group}
+            kinds.add_row(name, str(len(group)), str(len(calls)),
+                          f"{len(group) / len(calls):.1f}",
+                          str(max(j.batch_size or 0 for j in group)))
+        console.print(kinds)
+    for job in jobs:
+        if job.items_total is not None and job.parent_id is None:
+            console.print(f"bulk {job.kind} job {job.id}: {job.items_done}/{job.items_total} "
+                          f"items, {job.cpu_seconds:.2f} CPU s, results in {job.result_ref}")
     console.print(
         f"total CPU seconds {sum(j.cpu_seconds for j in jobs):.2f} over {len(jobs)} jobs in "
         f"{elapsed:.1f}s; idempotent resubmits returned the same jobs: "

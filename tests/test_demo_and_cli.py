@@ -32,6 +32,7 @@ def test_demo_runs_the_whole_system_on_the_embedded_default_and_cleans_up(
     done = _cli("demo", env={"ORCH_STATE_DIR": str(state), "COLUMNS": "120"}, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "every job ended as expected" in done.stdout
+    assert "micro-batching" in done.stdout and "6000/6000 items" in done.stdout
     for tier in ("interactive", "nearline", "offline"):
         assert tier in done.stdout
     assert (state / "orchestrator.db").exists()
@@ -40,7 +41,7 @@ def test_demo_runs_the_whole_system_on_the_embedded_default_and_cleans_up(
     listed = _cli("jobs", "list", "--json", "--limit", "500", env={"ORCH_STATE_DIR": str(state)})
     assert listed.returncode == 0, listed.stderr
     jobs = json.loads(listed.stdout)
-    assert len(jobs) == 137
+    assert len(jobs) == 208 + 6  # every submitted job, and the bulk job's six chunks
     assert {j["tenant"] for j in jobs} == {"acme", "globex", "initech"}
 
 
