@@ -69,6 +69,11 @@ def buffer_key(tier: Tier | str, kind: str, key: str) -> str:
     return f"orch:buf:{Tier(tier).value}:{kind}:{key}"
 
 
+def buffers_set(tier: Tier | str) -> str:
+    """The set of a tier's buffer keys (read by the preemption check)."""
+    return f"orch:bufs:{Tier(tier).value}"
+
+
 def pending_key(buffer: str) -> str:
     return f"{buffer}:pending"
 
@@ -111,7 +116,10 @@ class Buffers:
              time_limit: float | None = None) -> None:
         """Buffer one job and publish the trigger it needs, if any."""
         buffer = buffer_key(tier, kind, key)
-        length = int(self.redis.rpush(buffer, encode_item(job_id, enqueued_at)))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(buffer, encode_item(job_id, enqueued_at))
+        pipe.sadd(buffers_set(tier), buffer)  # lets running work see what waits above it
+        length = int(pipe.execute()[0])
         if length % max_batch == 0:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
                          time_limit=time_limit)

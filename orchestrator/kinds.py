@@ -65,6 +65,8 @@ class BatchPolicy:
     key: Callable[[Any], str] | None = None
     bulk_field: str | None = None
     chunk_size: int = 1024
+    segment_size: int | None = None
+    """Items per mini-batch of a bulk chunk (its preemption points); default 4 model batches."""
 
     def size(self, tier: TierPolicy) -> int:
         return self.max_batch_size or tier.max_batch_size

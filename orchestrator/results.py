@@ -23,18 +23,42 @@ class ResultStore:
         self.root = root
 
     def write_chunk(self, parent_id: str, chunk_id: str, result: Any) -> str:
+        """Write a finished chunk's results (replacing any earlier write); return the path."""
+        return self._write(self.root / parent_id, chunk_id, result)
+
+    def write_part(self, parent_id: str, chunk_id: str, start: int, result: Any) -> str:
+        """Checkpoint the results of items ``start..`` of a chunk that is being preempted."""
+        return self._write(self.root / parent_id, f"{chunk_id}.part-{start:09d}", result)
+
+    def assemble(self, parent_id: str, chunk_id: str, start: int, tail: Any) -> Any:
+        """The chunk's whole result: the checkpointed parts before ``start``, then ``tail``.
+
+        Parts are deleted once the whole is written by ``write_chunk``; see ``drop_parts``.
+        """
         folder = self.root / parent_id
+        parts = sorted(folder.glob(f"{chunk_id}.part-*")) if start else []
+        pieces = [read_chunk(str(p)) for p in parts
+                  if int(p.name.split(".part-")[1].split(".")[0]) < start]
+        pieces.append(tail)
+        if hasattr(tail, "dtype"):
+            return np.concatenate([np.asarray(p) for p in pieces])
+        return [row for piece in pieces for row in piece]
+
+    def drop_parts(self, parent_id: str, chunk_id: str) -> None:
+        for part in (self.root / parent_id).glob(f"{chunk_id}.part-*"):
+            part.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write(folder: Path, name: str, result: Any) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         if hasattr(result, "dtype"):
-            path = folder / f"{chunk_id}.npy"
-            tmp = folder / f".{chunk_id}.npy.tmp"
+            path, tmp = folder / f"{name}.npy", folder / f".{name}.npy.tmp"
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(result), allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
         else:
-            path = folder / f"{chunk_id}.jsonl"
-            tmp = folder / f".{chunk_id}.jsonl.tmp"
+            path, tmp = folder / f"{name}.jsonl", folder / f".{name}.jsonl.tmp"
             with open(tmp, "w") as f:
                 for row in result:
                     f.write(json.dumps(row) + "\n")

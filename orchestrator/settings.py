@@ -44,6 +44,18 @@ class Settings(BaseModel):
     embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
 
     @model_validator(mode="after")
+    def _tier_steps_in_order(self) -> Settings:
+        previous = -1
+        for tier in TIER_ORDER:
+            policy = self.tiers[tier]
+            if policy.priority <= previous or (tier.rank and policy.resume_priority <= previous):
+                raise ValueError(
+                    f"{tier.value} priority {policy.priority} must be above the tier before it "
+                    f"({previous}) with a free step between (for its preempted work)")
+            previous = policy.priority
+        return self
+
+    @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
         longest = max(policy.time_limit_s for policy in self.tiers.values())
         if self.visibility_timeout_s <= longest:

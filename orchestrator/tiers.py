@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Tier(StrEnum):
@@ -30,8 +30,10 @@ class Tier(StrEnum):
 
 TIER_ORDER: tuple[Tier, ...] = (Tier.INTERACTIVE, Tier.NEARLINE, Tier.OFFLINE)
 
-#: kombu's Redis priority steps: lower is served first. Each tier owns one step.
-PRIORITY_STEPS: list[int] = [0, 3, 6, 9]
+#: kombu's Redis priority steps: lower is served first. Each tier owns one step, and the step
+#: just before it holds its preempted work resuming (the front of the tier, behind every tier
+#: above it).
+PRIORITY_STEPS: list[int] = list(range(10))
 
 
 class TierPolicy(BaseModel):
@@ -51,12 +53,13 @@ class TierPolicy(BaseModel):
     backoff_max_s: float = Field(default=300.0, ge=0)
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    preempt_min_slice_s: float = Field(default=1.0, ge=0)
 
-    @model_validator(mode="after")
-    def _priority_is_a_step(self) -> TierPolicy:
-        if self.priority not in PRIORITY_STEPS:
-            raise ValueError(f"priority must be one of kombu's steps {PRIORITY_STEPS}")
-        return self
+    @property
+    def resume_priority(self) -> int:
+        """The step preempted work of this tier goes back to: the front of the tier."""
+        return max(self.priority - 1, 0)
+
 
 
 DEFAULT_POLICIES: dict[Tier, TierPolicy] = {
@@ -67,10 +70,12 @@ DEFAULT_POLICIES: dict[Tier, TierPolicy] = {
     Tier.NEARLINE: TierPolicy(
         priority=3, time_limit_s=900, lease_s=60, max_attempts=5,
         backoff_base_s=2, backoff_max_s=120, max_batch_size=64, max_queue_delay_ms=500,
+        preempt_min_slice_s=0.25,
     ),
     Tier.OFFLINE: TierPolicy(
         priority=6, time_limit_s=7200, lease_s=120, max_attempts=8,
         backoff_base_s=10, backoff_max_s=900, max_batch_size=256, max_queue_delay_ms=5000,
+        preempt_min_slice_s=0.5,
     ),
 }
 

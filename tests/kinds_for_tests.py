@@ -60,5 +60,5 @@ def _upper(payloads: list[UpperPayload], ctx: JobContext) -> list[Any]:
 upper = kind(
     "upper", schema=UpperPayload, tier="nearline", max_attempts=2,
     batch=BatchPolicy(max_batch_size=4, max_queue_delay_ms=300, key=lambda p: p.group,
-                      bulk_field="texts", chunk_size=100),
+                      bulk_field="texts", chunk_size=100, segment_size=10),
 )(_upper)

@@ -72,7 +72,8 @@ def test_tier_policy_overrides_and_round_trip_through_the_environment(tmp_path: 
     ("env", "message"),
     [
         ({"ORCH_DATABSE_URL": "x"}, "unknown setting ORCH_DATABSE_URL"),
-        ({"ORCH_TIER_NEARLINE_PRIORITY": "4"}, "priority must be one of"),
+        ({"ORCH_TIER_NEARLINE_PRIORITY": "1"}, "nearline priority 1 must be above"),
+        ({"ORCH_TIER_OFFLINE_PRIORITY": "2"}, "offline priority 2 must be above"),
         ({"ORCH_TIER_OFFLINE_LEASE_S": "-1"}, "lease_s"),
         ({"ORCH_TIER_BATCH_LEASE_S": "1"}, "unknown setting"),
         ({"ORCH_VISIBILITY_TIMEOUT_S": "soon"}, "visibility_timeout_s"),

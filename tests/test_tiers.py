@@ -68,7 +68,7 @@ def test_kombu_serves_better_priority_step_before_queue_order(
         keys = [channel._q_for_pri(q, pri) for pri in channel.priority_steps
                 for q in channel._queue_cycle.consume(len(channel.active_queues))]
         assert keys[:3] == ["interactive", "nearline", "offline"]
-        assert keys[3:6] == [queue_key(t, 3) for t in TIER_ORDER]
+        assert keys[3:6] == [queue_key(t, 1) for t in TIER_ORDER]
 
         # An unprioritised offline message outranks a nearline one at step 3 ...
         producer = conn.Producer(serializer="json")

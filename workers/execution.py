@@ -27,9 +27,15 @@ class Outcomes:
         default_factory=list)
     #: job id -> (batch id, batch size) for jobs that ran in a batch call
     batches: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: job id -> items done, for chunks that yielded to higher-tier work
+    preempted: dict[str, int] = field(default_factory=dict)
 
     def ok(self, claim: Claim, result: Any, cpu: float, wall: float) -> None:
         self.items.append((claim, result, None, cpu, wall))
+
+    def preempt(self, claim: Claim, checkpoint: int, cpu: float, wall: float) -> None:
+        self.preempted[claim.job_id] = checkpoint
+        self.items.append((claim, None, None, cpu, wall))
 
     def fail(self, claim: Claim, error: BaseException, cpu: float = 0.0, wall: float = 0.0
              ) -> None:
@@ -64,7 +70,7 @@ class Heartbeat:
         self._thread.join()
 
 
-def _context(spec: KindSpec, claims: Sequence[Claim], worker: str, resources: Any
+def context(spec: KindSpec, claims: Sequence[Claim], worker: str, resources: Any
              ) -> JobContext:
     first = claims[0]
     return JobContext(
@@ -96,7 +102,7 @@ def call_kind(spec: KindSpec, runnable: Sequence[tuple[Claim, Any]], worker: str
     """
     claims = [c for c, _ in runnable]
     models = [m for _, m in runnable]
-    ctx = _context(spec, claims, worker, resources)
+    ctx = context(spec, claims, worker, resources)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
         if spec.batch is not None:

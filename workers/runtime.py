@@ -29,7 +29,9 @@ from orchestrator.results import ResultStore
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
-from workers.execution import Heartbeat, Outcomes, call_kind
+from workers.chunks import run_chunk
+from workers.execution import Heartbeat, Outcomes, call_kind, context
+from workers.preemption import HigherTierCheck
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +121,39 @@ class Runtime:
                 continue
             runnable.append((claim, model))
         if runnable and spec is not None:
-            lease_s = self.settings.policy(Tier(runnable[0][0].tier)).lease_s
-            with Heartbeat(self.services.store, [c for c, _ in runnable], lease_s):
-                call_kind(spec, runnable, self.worker, self.resources.get(spec.name), outcomes)
+            policy = self.settings.policy(Tier(runnable[0][0].tier))
+            with Heartbeat(self.services.store, [c for c, _ in runnable], policy.lease_s):
+                chunks = [(c, m) for c, m in runnable if self._is_chunk(spec, c)]
+                for claim, model in chunks:
+                    run_chunk(spec, claim, model,
+                              context(spec, [claim], self.worker, self.resources.get(spec.name)),
+                              policy=policy, segment=self._segment(spec),
+                              check=HigherTierCheck(self.services.redis, Tier(claim.tier)),
+                              results=self.results, outcomes=outcomes)
+                rest = [(c, m) for c, m in runnable if not self._is_chunk(spec, c)]
+                if rest:
+                    call_kind(spec, rest, self.worker, self.resources.get(spec.name), outcomes)
         return self._finish(outcomes)
+
+    @staticmethod
+    def _is_chunk(spec: KindSpec, claim: Claim) -> bool:
+        return (claim.parent_id is not None and spec.batch is not None
+                and spec.batch.bulk_field is not None)
+
+    def _segment(self, spec: KindSpec) -> int:
+        """Items per mini-batch of a chunk: the preemption points are this far apart."""
+        return spec.batch.segment_size if spec.batch and spec.batch.segment_size \
+            else self.settings.model_batch * 4
 
     def _finish(self, outcomes: Outcomes) -> dict[str, str | None]:
         finishes: list[Finish] = []
         retries: list[tuple[Claim, float]] = []
         for claim, result, error, cpu, wall in outcomes.items:
-            if error is None:
+            if claim.job_id in outcomes.preempted:
+                finish = Finish(claim, state=JobState.QUEUED, outcome=Outcome.PREEMPTED,
+                                cpu_seconds=cpu, wall_seconds=wall,
+                                checkpoint=outcomes.preempted[claim.job_id])
+            elif error is None:
                 finish = self._success(claim, result, cpu, wall)
             else:
                 finish, delay = self._failure(claim, error, cpu, wall)
@@ -148,8 +173,12 @@ class Runtime:
                 states[job_id] = None
                 continue
             states[job_id] = finish.state
-            if finish.state != JobState.QUEUED:
+            if finish.outcome == Outcome.PREEMPTED:
+                self._resume_later(finish)
+            elif finish.state != JobState.QUEUED:
                 self.services.signal_done(job_id, finish.state)
+                if finish.claim.parent_id is not None and finish.result_ref:
+                    self.results.drop_parts(finish.claim.parent_id, job_id)
         for claim, delay in retries:
             if claim.job_id in owned:
                 policy = self.settings.policy(Tier(claim.tier))
@@ -158,6 +187,15 @@ class Runtime:
                 log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
                          claim.max_attempts, delay)
         return states
+
+    def _resume_later(self, finish: Finish) -> None:
+        """Put a preempted chunk back at the front of its tier (behind every higher tier)."""
+        claim = finish.claim
+        policy = self.settings.policy(Tier(claim.tier))
+        publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.resume_priority,
+                time_limit=policy.time_limit_s)
+        log.info("job %s: preempted at item %s after %.2fs; resumes at the front of %s",
+                 claim.job_id, finish.checkpoint, finish.wall_seconds, claim.tier)
 
     def _success(self, claim: Claim, result: Any, cpu: float, wall: float) -> Finish:
         items = len(result) if isinstance(result, list | tuple) or hasattr(result, "shape") else 1
@@ -181,7 +219,7 @@ class Runtime:
         if isinstance(error, SoftTimeLimitExceeded):
             message = f"time limit of the {claim.tier} tier exceeded"
         log.info("job %s attempt %d failed: %s", claim.job_id, claim.attempt, message)
-        if claim.attempt >= claim.max_attempts:
+        if claim.retries_used >= claim.max_attempts:
             return Finish(claim, state=JobState.DEAD, outcome=Outcome.DEAD, cpu_seconds=cpu,
                           wall_seconds=wall,
                           error=f"{message} (after {claim.attempt} attempts)"), None

@@ -87,6 +87,7 @@ class Outcome:
     DEAD = "dead"
     LOST = "lost"
     CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
 
 
 class Tenant(Base):
@@ -120,6 +121,7 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime]
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]

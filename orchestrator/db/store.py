@@ -60,6 +60,7 @@ class JobView:
     error: str | None
     attempts: int
     max_attempts: int
+    preemptions: int
     created_at: datetime
     queued_at: datetime | None
     started_at: datetime | None
@@ -143,6 +144,13 @@ class Claim:
     deadline: datetime | None
     parent_id: str | None
     took_over: bool
+    items_done: int = 0
+    preemptions: int = 0
+
+    @property
+    def retries_used(self) -> int:
+        """Attempts that count against ``max_attempts`` (preempted runs do not)."""
+        return self.attempt - self.preemptions
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,17 @@ class Finish:
     requeue_at: datetime | None = None
     batch_id: str | None = None
     batch_size: int | None = None
+    checkpoint: int | None = None
+    """For a preempted chunk: how many of its items are done (and their results on disk)."""
+
+    @property
+    def progress(self) -> int:
+        """Items this attempt finished, to count into a bulk parent."""
+        if self.state == JobState.SUCCEEDED:
+            return max(self.items - self.claim.items_done, 0)
+        if self.outcome == Outcome.PREEMPTED and self.checkpoint is not None:
+            return max(self.checkpoint - self.claim.items_done, 0)
+        return 0
 
 
 _JOB_COLUMNS = [jobs.c[name] for name in JobView.__dataclass_fields__]
@@ -206,7 +225,8 @@ class JobStore:
                         id=job_id, tenant=job.tenant, kind=job.kind, tier=job.tier,
                         state=job.state, priority=job.priority,
                         idempotency_key=job.idempotency_key, payload=job.payload,
-                        attempts=0, max_attempts=job.max_attempts, created_at=now,
+                        attempts=0, max_attempts=job.max_attempts, preemptions=0,
+                        created_at=now,
                         queued_at=now, deadline=job.deadline, parent_id=job.parent_id,
                         items_total=job.items_total, chunk_index=job.chunk_index,
                         items_done=0, cpu_seconds=0.0,
@@ -376,7 +396,7 @@ class JobStore:
             rows = conn.execute(
                 update(jobs)
                 .where(and_(jobs.c.id.in_(list(job_ids)), claimable,
-                            jobs.c.attempts < jobs.c.max_attempts))
+                            jobs.c.attempts - jobs.c.preemptions < jobs.c.max_attempts))
                 .values(
                     state=JobState.RUNNING, attempts=jobs.c.attempts + 1, lease_expires_at=lease,
                     started_at=func.coalesce(jobs.c.started_at, now),
@@ -385,6 +405,7 @@ class JobStore:
                     jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload,
                     jobs.c.attempts, jobs.c.max_attempts, jobs.c.queued_at,
                     jobs.c.lease_expires_at, jobs.c.deadline, jobs.c.parent_id,
+                    jobs.c.items_done, jobs.c.preemptions,
                 )
             ).all()
             if not rows:
@@ -410,6 +431,7 @@ class JobStore:
                 payload=row.payload, attempt=row.attempts, max_attempts=row.max_attempts,
                 queued_at=row.queued_at, started_at=now, lease_expires_at=row.lease_expires_at,
                 deadline=row.deadline, parent_id=row.parent_id, took_over=row.id in lost,
+                items_done=row.items_done, preemptions=row.preemptions,
             )
             for row in rows
         }
@@ -489,7 +511,8 @@ class JobStore:
                 update(jobs)
                 .where(and_(
                     jobs.c.id == job_id, jobs.c.state == JobState.RUNNING,
-                    jobs.c.lease_expires_at < now, jobs.c.attempts >= jobs.c.max_attempts,
+                    jobs.c.lease_expires_at < now,
+                    jobs.c.attempts - jobs.c.preemptions >= jobs.c.max_attempts,
                 ))
                 .values(state=JobState.DEAD, finished_at=now, lease_expires_at=None,
                         error="worker lost on the last attempt (lease expired)")
@@ -548,36 +571,46 @@ def _finish_statements(owned: Sequence[Finish], now: datetime) -> list[tuple[Any
         return {"f_id": d.claim.job_id, "f_attempt": d.claim.attempt, "f_error": d.error,
                 "f_cpu": d.cpu_seconds, "f_wall": d.wall_seconds, "f_waited": waited}
 
-    retries = [d for d in owned if d.state == JobState.QUEUED]
+    retries = [d for d in owned if d.state == JobState.QUEUED and d.outcome != Outcome.PREEMPTED]
     if retries:
         stmt = update(jobs).where(where).values(
             **base, state=JobState.QUEUED, queued_at=bindparam("f_requeue_at"))
         out.append((stmt, [{**params(d), "f_requeue_at": d.requeue_at or now} for d in retries]))
+    preempted = [d for d in owned if d.outcome == Outcome.PREEMPTED]
+    if preempted:
+        stmt = update(jobs).where(where).values(
+            **base, state=JobState.QUEUED, queued_at=now, preemptions=jobs.c.preemptions + 1,
+            items_done=bindparam("f_checkpoint"))
+        out.append((stmt, [{**params(d), "f_checkpoint": d.checkpoint or 0} for d in preempted]))
     ended = [d for d in owned if d.state != JobState.QUEUED]
     if ended:
         stmt = update(jobs).where(where).values(
             **base, state=bindparam("f_state"), finished_at=now,
             result=bindparam("f_result", type_=JSON), result_ref=bindparam("f_ref"),
             items=bindparam("f_items"), batch_id=bindparam("f_batch"),
-            batch_size=bindparam("f_batch_size"),
+            batch_size=bindparam("f_batch_size"), items_done=bindparam("f_done"),
         )
         out.append((stmt, [{**params(d), "f_state": d.state, "f_result": d.result,
                             "f_ref": d.result_ref, "f_items": d.items, "f_batch": d.batch_id,
-                            "f_batch_size": d.batch_size} for d in ended]))
+                            "f_batch_size": d.batch_size,
+                            "f_done": d.items if d.state == JobState.SUCCEEDED
+                            else d.claim.items_done} for d in ended]))
     return out
 
 
 def _parent_progress(owned: Sequence[Finish]) -> dict[str, tuple[int, float, float, str | None]]:
-    """Per parent: items done, CPU and wall seconds added, and the first chunk failure."""
+    """Per parent: items done, CPU and wall seconds added, and the first chunk failure.
+
+    Every attempt of a chunk (retried, preempted or finished) adds the CPU it used; items
+    count once, as the checkpoint moves forward."""
     progress: dict[str, tuple[int, float, float, str | None]] = {}
     for d in owned:
         parent = d.claim.parent_id
-        if parent is None or d.state == JobState.QUEUED:
+        if parent is None:
             continue
         items, cpu, wall, failure = progress.get(parent, (0, 0.0, 0.0, None))
-        if d.state == JobState.SUCCEEDED:
-            items += d.items
-        elif failure is None:
+        items += d.progress  # every attempt's CPU counts, each item once
+        if d.state in (JobState.FAILED, JobState.DEAD) and failure is None:
             failure = f"chunk {d.claim.job_id} {d.state}: {d.error}"
         progress[parent] = (items, cpu + d.cpu_seconds, wall + d.wall_seconds, failure)
     return progress

@@ -22,7 +22,8 @@ def open_session(path: Path, *, intra_op_threads: int) -> ort.InferenceSession:
         raise ConfigurationError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
     if not path.is_file():
         raise ConfigurationError(
-            f"model file {path} does not exist (export models with `orchestrator models export`)")
+            f"model file {path} does not exist (export models with `orchestrator models export`)"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -30,7 +31,8 @@ def open_session(path: Path, *, intra_op_threads: int) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         return ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
         raise ConfigurationError(f"onnxruntime cannot load model {path}: {e}") from e
 

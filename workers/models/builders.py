@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 OPSET = 17
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
+# fmt: off
 DEFAULT_VOCAB: tuple[str, ...] = (
     "the", "a", "an", "of", "to", "in", "and", "is", "it", "on", "for", "with", "at", "by",
     "cat", "dog", "bird", "fish", "car", "train", "plane", "boat", "house", "tree", "river",
@@ -28,6 +29,7 @@ DEFAULT_VOCAB: tuple[str, ...] = (
     "slow", "old", "new", "runs", "sleeps", "eats", "flies", "swims", "reads", "writes",
     "search", "query", "document", "invoice", "payment", "fraud", "score", "model",
 )
+# fmt: on
 MLP_HIDDEN = 64
 BATCH = 250
 
@@ -64,9 +66,11 @@ def build_tiny_embedding_model(
     initializers = [numpy_helper.from_array(table, "table")]
     if pooled:
         output = helper.make_tensor_value_info(
-            "sentence_embedding", TensorProto.FLOAT, ["batch", dim])
-        nodes += _mean_pool_and_normalise("token_embeddings", "attention_mask",
-                                          "sentence_embedding")
+            "sentence_embedding", TensorProto.FLOAT, ["batch", dim]
+        )
+        nodes += _mean_pool_and_normalise(
+            "token_embeddings", "attention_mask", "sentence_embedding"
+        )
         initializers += [
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis_1"),
             numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis_last"),
@@ -74,14 +78,16 @@ def build_tiny_embedding_model(
         ]
     else:
         output = helper.make_tensor_value_info(
-            "token_embeddings", TensorProto.FLOAT, ["batch", "sequence", dim])
+            "token_embeddings", TensorProto.FLOAT, ["batch", "sequence", dim]
+        )
     graph = helper.make_graph(
         nodes,
         "tiny_embedding",
         [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info(
-                "attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+                "attention_mask", TensorProto.INT64, ["batch", "sequence"]
+            ),
         ],
         [output],
         initializer=initializers,
@@ -118,8 +124,15 @@ def _word_level_tokenizer(token_ids: dict[str, int]) -> dict[str, Any]:
     # The serialised form of tokenizers' WordLevel model, so the file is plain data and this
     # function does not depend on the tokenizers version's Python builder API.
     special = [
-        {"id": token_ids[tok], "content": tok, "single_word": False, "lstrip": False,
-         "rstrip": False, "normalized": False, "special": True}
+        {
+            "id": token_ids[tok],
+            "content": tok,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for tok in (PAD_TOKEN, UNK_TOKEN)
     ]
     return {
@@ -210,17 +223,23 @@ def train_scoring_models(
 
     small = _adam(
         [np.zeros((n_features, 2), np.float32), np.zeros(2, np.float32)],
-        logistic_grads, steps=200, lr=0.05)
+        logistic_grads,
+        steps=200,
+        lr=0.05,
+    )
     large = _adam(
         [
-            (rng.standard_normal((n_features, MLP_HIDDEN)) * np.sqrt(2 / n_features)
-             ).astype(np.float32),
+            (rng.standard_normal((n_features, MLP_HIDDEN)) * np.sqrt(2 / n_features)).astype(
+                np.float32
+            ),
             np.zeros(MLP_HIDDEN, np.float32),
-            (rng.standard_normal((MLP_HIDDEN, 2)) * np.sqrt(1 / MLP_HIDDEN)
-             ).astype(np.float32),
+            (rng.standard_normal((MLP_HIDDEN, 2)) * np.sqrt(1 / MLP_HIDDEN)).astype(np.float32),
             np.zeros(2, np.float32),
         ],
-        mlp_grads, steps=50 * len(batches), lr=0.01)
+        mlp_grads,
+        steps=50 * len(batches),
+        lr=0.01,
+    )
     return ScoringTraining(
         n_features=n_features,
         small=(small[0], small[1]),
@@ -234,10 +253,10 @@ def train_scoring_models(
 def _accuracy(x: np.ndarray, y: np.ndarray, params: list[np.ndarray]) -> float:
     correct = 0
     for start in range(0, len(x), BATCH):
-        logits = x[start:start + BATCH] @ params[0] + params[1]
+        logits = x[start : start + BATCH] @ params[0] + params[1]
         if len(params) == 4:
             logits = np.maximum(logits, 0.0) @ params[2] + params[3]
-        correct += int((logits.argmax(axis=1) == y[start:start + BATCH]).sum())
+        correct += int((logits.argmax(axis=1) == y[start : start + BATCH]).sum())
     return correct / len(x)
 
 
@@ -274,8 +293,10 @@ def build_scoring_models(
             node("MatMul", ["hidden", "w2"], ["mm2"]),
             node("Add", ["mm2", "b2"], ["logits"]),
         ],
-        [numpy_helper.from_array(a, n)
-         for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+        ],
         n_features,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,7 +306,8 @@ def build_scoring_models(
         (large, paths[1], trained.large_accuracy),
     ):
         helper.set_model_props(
-            model, {"holdout_accuracy": f"{accuracy:.4f}", "n_features": str(n_features)})
+            model, {"holdout_accuracy": f"{accuracy:.4f}", "n_features": str(n_features)}
+        )
         _save(model, path)
     return paths
 

@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_INT_TYPES: dict[str, type[np.integer[Any]]] = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def embedding_files(model_dir: Path, name: str, variant: str) -> tuple[Path, Path]:
@@ -73,7 +76,8 @@ class EmbeddingModel:
             if spec.name not in TOKEN_INPUTS or spec.type not in _INT_TYPES:
                 raise ConfigurationError(
                     f"model {model_path} declares input {spec.name!r} of type {spec.type}; "
-                    f"an embedding model may only take {', '.join(TOKEN_INPUTS)} as integers")
+                    f"an embedding model may only take {', '.join(TOKEN_INPUTS)} as integers"
+                )
             self._inputs[spec.name] = _INT_TYPES[spec.type]
         if "input_ids" not in self._inputs:
             raise ConfigurationError(f"model {model_path} has no 'input_ids' input")
@@ -81,7 +85,8 @@ class EmbeddingModel:
         if len(output.shape) not in (2, 3):
             raise ConfigurationError(
                 f"model {model_path}: first output {output.name!r} has rank {len(output.shape)};"
-                " expected [batch, dim] or [batch, sequence, dim]")
+                " expected [batch, dim] or [batch, sequence, dim]"
+            )
         self._output = output.name
         last = output.shape[-1]
         self._dim = last if isinstance(last, int) else int(self.embed(["dimension probe"]).shape[1])
@@ -128,8 +133,9 @@ class EmbeddingModel:
         feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feed["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        feed = {k: v.astype(self._inputs[k], copy=False) for k, v in feed.items()
-                if k in self._inputs}
+        feed = {
+            k: v.astype(self._inputs[k], copy=False) for k, v in feed.items() if k in self._inputs
+        }
         (out,) = self._session.run([self._output], feed)
         out = np.asarray(out, dtype=np.float32)
         if out.ndim == 3:

@@ -39,7 +39,8 @@ class ScoringModel:
         if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 2:
             raise ConfigurationError(
                 f"scoring model {path} must take one float32 input [N, n_features]; it takes "
-                + ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs))
+                + ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            )
         self._input = inputs[0].name
         width = inputs[0].shape[1]
         self._n_features: int | None = width if isinstance(width, int) else None
@@ -48,7 +49,8 @@ class ScoringModel:
         if output.type != "tensor(float)" or len(output.shape) != 2:
             raise ConfigurationError(
                 f"scoring model {path}: output {output.name!r} is {output.type} {output.shape}; "
-                "expected float32 probabilities [N, n_classes]")
+                "expected float32 probabilities [N, n_classes]"
+            )
         self._output = output.name
         classes = output.shape[1]
         self._n_classes: int | None = classes if isinstance(classes, int) else None
@@ -101,7 +103,8 @@ class ScoringModel:
             raise PermanentError(f"rows must be 2-D [n, n_features], got shape {batch.shape}")
         if self._n_features is not None and batch.shape[1] != self._n_features:
             raise PermanentError(
-                f"{self._name} takes {self._n_features} features per row, got {batch.shape[1]}")
+                f"{self._name} takes {self._n_features} features per row, got {batch.shape[1]}"
+            )
         if not np.isfinite(batch).all():
             bad = int(np.flatnonzero(~np.isfinite(batch).all(axis=1))[0])
             raise PermanentError(f"row {bad} has a NaN or infinite feature")
@@ -137,8 +140,9 @@ class ScoreBatch:
         """One JSON-ready result per row."""
         return [
             {"score": float(s), "label": int(lab), "model": m, "escalated": bool(e)}
-            for s, lab, m, e in zip(self.scores, self.labels, self.models, self.escalated,
-                                    strict=True)
+            for s, lab, m, e in zip(
+                self.scores, self.labels, self.models, self.escalated, strict=True
+            )
         ]
 
 
@@ -158,7 +162,8 @@ class EscalatingScorer:
             a, b = getattr(small, what), getattr(large, what)
             if a is not None and b is not None and a != b:
                 raise ConfigurationError(
-                    f"{small.name} has {what}={a} but {large.name} has {what}={b}")
+                    f"{small.name} has {what}={a} but {large.name} has {what}={b}"
+                )
         self.small = small
         self.large = large
         self.threshold = float(threshold)
@@ -171,8 +176,9 @@ class EscalatingScorer:
         """
         batch = self.small._validate(rows)
         if len(batch) == 0:
-            return ScoreBatch(np.zeros(0, np.float32), np.zeros(0, np.int64), (),
-                              np.zeros(0, bool), None)
+            return ScoreBatch(
+                np.zeros(0, np.float32), np.zeros(0, np.int64), (), np.zeros(0, bool), None
+            )
         small_p = self.small.predict_proba(batch)
         scores = small_p.max(axis=1)
         labels = small_p.argmax(axis=1).astype(np.int64)
