@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis import RedisError
 
-from orchestrator.broker import publish
 from orchestrator.db.models import JobState
 from orchestrator.db.store import NewJob
 from orchestrator.errors import InvalidOption, InvalidPayload, ServiceUnavailable
+from orchestrator.fairness import FairDispatcher
 from orchestrator.kinds import KindSpec
 from orchestrator.tiers import Tier
 
@@ -103,9 +103,11 @@ def submit_bulk(
     _set_result_dir(client, parent_id)
     chunk_ids = store.release_chunks(parent_id, total)
     try:
-        for chunk_id in chunk_ids:
-            publish(client.services.celery, chunk_id, tier, policy.priority,
-                    time_limit=policy.time_limit_s)
+        # Chunks wait per tenant and reach the queue in fair turns (orchestrator.fairness).
+        fair = FairDispatcher(client.services.redis, client.services.celery,
+                              window=client.settings.fair_window)
+        fair.enqueue(tier, tenant, store.tenant_weight(tenant), chunk_ids)
+        fair.dispatch(tier, policy)
     except (KombuOperationalError, RedisError, OSError) as e:
         store.cancel(parent_id)
         raise ServiceUnavailable(

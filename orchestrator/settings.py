@@ -42,6 +42,7 @@ class Settings(BaseModel):
     model_threads: int = Field(default=1, ge=1, le=64)
     model_batch: int = Field(default=16, ge=1, le=4096)
     embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
+    fair_window: int = Field(default=4, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _tier_steps_in_order(self) -> Settings:
@@ -80,7 +81,7 @@ class Settings(BaseModel):
             "ORCH_DATABASE_URL", "ORCH_BROKER_URL", "ORCH_IMPORTS", "ORCH_STATE_DIR",
             "ORCH_MODEL_DIR", "ORCH_VISIBILITY_TIMEOUT_S", "ORCH_UNACKED_RESTORE_S",
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
-            "ORCH_EMBED_VARIANT",
+            "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -107,6 +108,7 @@ class Settings(BaseModel):
             ("model_threads", "ORCH_MODEL_THREADS"),
             ("model_batch", "ORCH_MODEL_BATCH"),
             ("embed_variant", "ORCH_EMBED_VARIANT"),
+            ("fair_window", "ORCH_FAIR_WINDOW"),
         ):
             if env.get(var):
                 raw[key] = env[var]
@@ -167,6 +169,7 @@ class Settings(BaseModel):
             "ORCH_MODEL_THREADS": str(self.model_threads),
             "ORCH_MODEL_BATCH": str(self.model_batch),
             "ORCH_EMBED_VARIANT": self.embed_variant,
+            "ORCH_FAIR_WINDOW": str(self.fair_window),
         }
         if self.database_url:
             env["ORCH_DATABASE_URL"] = self.database_url

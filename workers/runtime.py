@@ -24,6 +24,7 @@ from orchestrator.broker import publish
 from orchestrator.db.models import JobState, Outcome
 from orchestrator.db.store import Claim, Finish, utcnow
 from orchestrator.errors import PermanentError, SubmitError, UnknownKind
+from orchestrator.fairness import FairDispatcher
 from orchestrator.kinds import KindSpec
 from orchestrator.results import ResultStore
 from orchestrator.services import Services
@@ -52,6 +53,8 @@ class Runtime:
         self.buffers = Buffers(services.redis, services.celery,
                                processing_ttl_s=self.settings.visibility_timeout_s)
         self.results = ResultStore(self.settings.state_dir / "results")
+        self.fair = FairDispatcher(services.redis, services.celery,
+                                   window=self.settings.fair_window)
         self.resources: dict[str, Any] = {}
         self._rng = random.Random()
         self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
@@ -146,47 +149,58 @@ class Runtime:
             else self.settings.model_batch * 4
 
     def _finish(self, outcomes: Outcomes) -> dict[str, str | None]:
-        finishes: list[Finish] = []
-        retries: list[tuple[Claim, float]] = []
-        for claim, result, error, cpu, wall in outcomes.items:
-            if claim.job_id in outcomes.preempted:
-                finish = Finish(claim, state=JobState.QUEUED, outcome=Outcome.PREEMPTED,
-                                cpu_seconds=cpu, wall_seconds=wall,
-                                checkpoint=outcomes.preempted[claim.job_id])
-            elif error is None:
-                finish = self._success(claim, result, cpu, wall)
-            else:
-                finish, delay = self._failure(claim, error, cpu, wall)
-                if delay is not None:
-                    retries.append((claim, delay))
-            batch = outcomes.batches.get(claim.job_id)
-            if batch is not None:
-                finish = replace(finish, batch_id=batch[0], batch_size=batch[1])
-            finishes.append(finish)
+        """Record every outcome in one transaction, then act on what was recorded."""
+        finishes = [self._to_finish(outcomes, *item) for item in outcomes.items]
         owned = self.services.store.finish_many(finishes)
         states: dict[str, str | None] = {}
         for finish in finishes:
             job_id = finish.claim.job_id
-            if job_id not in owned:
+            if job_id in owned:
+                states[job_id] = finish.state
+                self._after(finish)
+            else:
                 log.info("job %s: attempt %d no longer owns the job; its outcome is discarded",
                          job_id, finish.claim.attempt)
                 states[job_id] = None
-                continue
-            states[job_id] = finish.state
-            if finish.outcome == Outcome.PREEMPTED:
-                self._resume_later(finish)
-            elif finish.state != JobState.QUEUED:
-                self.services.signal_done(job_id, finish.state)
-                if finish.claim.parent_id is not None and finish.result_ref:
-                    self.results.drop_parts(finish.claim.parent_id, job_id)
-        for claim, delay in retries:
-            if claim.job_id in owned:
-                policy = self.settings.policy(Tier(claim.tier))
-                publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.priority,
-                        countdown=delay, time_limit=policy.time_limit_s)
-                log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
-                         claim.max_attempts, delay)
         return states
+
+    def _to_finish(self, outcomes: Outcomes, claim: Claim, result: Any,
+                   error: BaseException | None, cpu: float, wall: float) -> Finish:
+        if claim.job_id in outcomes.preempted:
+            finish = Finish(claim, state=JobState.QUEUED, outcome=Outcome.PREEMPTED,
+                            cpu_seconds=cpu, wall_seconds=wall,
+                            checkpoint=outcomes.preempted[claim.job_id])
+        elif error is None:
+            finish = self._success(claim, result, cpu, wall)
+        else:
+            finish = self._failure(claim, error, cpu, wall)
+        batch = outcomes.batches.get(claim.job_id)
+        if batch is not None:
+            finish = replace(finish, batch_id=batch[0], batch_size=batch[1])
+        return finish
+
+    def _after(self, finish: Finish) -> None:
+        """Publish what a recorded outcome calls for: a retry, a resume, a signal."""
+        claim = finish.claim
+        policy = self.settings.policy(Tier(claim.tier))
+        if finish.outcome == Outcome.PREEMPTED:
+            self._resume_later(finish)
+        elif finish.state == JobState.QUEUED:
+            delay = max(((finish.requeue_at or utcnow()) - utcnow()).total_seconds(), 0.0)
+            publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.priority,
+                    countdown=delay, time_limit=policy.time_limit_s)
+            log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
+                     claim.max_attempts, delay)
+        else:
+            self.services.signal_done(claim.job_id, finish.state)
+            if claim.parent_id is not None:
+                self._chunk_left(claim.job_id, claim.tier)
+                if finish.result_ref:
+                    self.results.drop_parts(claim.parent_id, claim.job_id)
+
+    def _chunk_left(self, chunk_id: str, tier: str) -> None:
+        """A bulk chunk has ended: its place in the fair window goes to the next tenant."""
+        self.fair.dispatch(Tier(tier), self.settings.policy(Tier(tier)), released=chunk_id)
 
     def _resume_later(self, finish: Finish) -> None:
         """Put a preempted chunk back at the front of its tier (behind every higher tier)."""
@@ -209,27 +223,26 @@ class Runtime:
                       cpu_seconds=cpu, wall_seconds=wall, result=result, result_ref=ref,
                       items=items)
 
-    def _failure(self, claim: Claim, error: BaseException, cpu: float, wall: float
-                 ) -> tuple[Finish, float | None]:
+    def _failure(self, claim: Claim, error: BaseException, cpu: float, wall: float) -> Finish:
         message = f"{type(error).__name__}: {error}"
         if isinstance(error, PermanentError | SubmitError):
             log.info("job %s failed permanently: %s", claim.job_id, message)
             return Finish(claim, state=JobState.FAILED, outcome=Outcome.FAILED, cpu_seconds=cpu,
-                          wall_seconds=wall, error=message), None
+                          wall_seconds=wall, error=message)
         if isinstance(error, SoftTimeLimitExceeded):
             message = f"time limit of the {claim.tier} tier exceeded"
         log.info("job %s attempt %d failed: %s", claim.job_id, claim.attempt, message)
         if claim.retries_used >= claim.max_attempts:
             return Finish(claim, state=JobState.DEAD, outcome=Outcome.DEAD, cpu_seconds=cpu,
                           wall_seconds=wall,
-                          error=f"{message} (after {claim.attempt} attempts)"), None
+                          error=f"{message} (after {claim.attempt} attempts)")
         spec = self.services.kinds.get(claim.kind)
         retry = spec.retry.resolve(self.settings.policy(Tier(claim.tier)))
         delay = backoff_delay(claim.attempt, retry.backoff_base_s or 0.0,
                               retry.backoff_max_s or 0.0, self._rng)
         return Finish(claim, state=JobState.QUEUED, outcome=Outcome.RETRY, cpu_seconds=cpu,
                       wall_seconds=wall, error=message,
-                      requeue_at=utcnow() + timedelta(seconds=delay)), delay
+                      requeue_at=utcnow() + timedelta(seconds=delay))
 
     def _not_claimable(self, job_id: str) -> str | None:
         """A delivery we may not run: finished, cancelled, unknown, or held by a live lease."""
@@ -240,6 +253,8 @@ class Runtime:
             return None
         if job.state != JobState.RUNNING:
             log.info("job %s: duplicate delivery of a %s job ignored", job_id, job.state)
+            if job.parent_id is not None and job.terminal:
+                self._chunk_left(job_id, job.tier)  # e.g. cancelled while it waited its turn
             return None
         now = utcnow()
         if job.lease_expires_at is not None and job.lease_expires_at < now:

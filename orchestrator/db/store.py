@@ -355,6 +355,12 @@ class JobStore:
                 .order_by(jobs.c.chunk_index)
             ).scalars())
 
+    def tenant_weight(self, tenant: str) -> int:
+        with self.engine.connect() as conn:
+            weight = conn.execute(
+                select(tenants.c.weight).where(tenants.c.name == tenant)).scalar_one_or_none()
+        return int(weight or 1)
+
     def chunks(self, parent_id: str) -> list[JobView]:
         """A bulk job's chunks in item order."""
         with self.engine.connect() as conn:

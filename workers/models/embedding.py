@@ -48,7 +48,7 @@ def embedding_files(model_dir: Path, name: str, variant: str) -> tuple[Path, Pat
 class EmbeddingModel:
     """One onnxruntime session and its tokenizer; turns texts into unit-length vectors.
 
-    Not thread-safe by design: a worker process owns one and runs one batch at a time.
+    Made once per worker process (in ``worker_process_init``) and reused for every batch.
     """
 
     def __init__(
@@ -122,9 +122,9 @@ class EmbeddingModel:
         Raises:
             PermanentError: an item is not a string, or a text has no tokens at all.
         """
-        if not texts:
-            return np.zeros((0, getattr(self, "_dim", 0)), dtype=np.float32)
         encodings = self._encode(texts)
+        if not encodings:
+            return np.zeros((0, getattr(self, "_dim", 0)), dtype=np.float32)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         empty = np.flatnonzero(mask.sum(axis=1) == 0)
@@ -150,8 +150,6 @@ class EmbeddingModel:
         Raises:
             PermanentError: an item is not a string.
         """
-        if not texts:
-            return []
         return [int(sum(e.attention_mask)) for e in self._encode(texts)]
 
     def _encode(self, texts: Sequence[str]) -> list[Encoding]:
@@ -160,7 +158,7 @@ class EmbeddingModel:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise PermanentError(f"item {i} is {type(text).__name__}, not a string")
-        return self._tokenizer.encode_batch(list(texts))
+        return self._tokenizer.encode_batch(list(texts)) if len(texts) else []
 
     def __repr__(self) -> str:
         return f"EmbeddingModel(name={self._name!r}, dim={self._dim})"
