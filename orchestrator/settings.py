@@ -43,6 +43,7 @@ class Settings(BaseModel):
     model_batch: int = Field(default=16, ge=1, le=4096)
     embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
     fair_window: int = Field(default=4, ge=1, le=10_000)
+    preemption: bool = True
 
     @model_validator(mode="after")
     def _tier_steps_in_order(self) -> Settings:
@@ -81,7 +82,7 @@ class Settings(BaseModel):
             "ORCH_DATABASE_URL", "ORCH_BROKER_URL", "ORCH_IMPORTS", "ORCH_STATE_DIR",
             "ORCH_MODEL_DIR", "ORCH_VISIBILITY_TIMEOUT_S", "ORCH_UNACKED_RESTORE_S",
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
-            "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW",
+            "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -109,6 +110,7 @@ class Settings(BaseModel):
             ("model_batch", "ORCH_MODEL_BATCH"),
             ("embed_variant", "ORCH_EMBED_VARIANT"),
             ("fair_window", "ORCH_FAIR_WINDOW"),
+            ("preemption", "ORCH_PREEMPTION"),
         ):
             if env.get(var):
                 raw[key] = env[var]
@@ -170,6 +172,7 @@ class Settings(BaseModel):
             "ORCH_MODEL_BATCH": str(self.model_batch),
             "ORCH_EMBED_VARIANT": self.embed_variant,
             "ORCH_FAIR_WINDOW": str(self.fair_window),
+            "ORCH_PREEMPTION": "1" if self.preemption else "0",
         }
         if self.database_url:
             env["ORCH_DATABASE_URL"] = self.database_url

@@ -100,3 +100,17 @@ def test_a_chunk_with_nothing_waiting_above_runs_through(
     client.submit("burn", {"ms": 1}, tier="offline")  # same tier: no reason to yield
     assert runtime.execute(chunk.id) == "succeeded"
     assert client.get(chunk.id).preemptions == 0
+
+
+def test_with_preemption_off_a_chunk_runs_through_whatever_waits(
+    client: Client, eager: Settings
+) -> None:
+    rt = Runtime(Services.open(eager.model_copy(update={"preemption": False})), worker="off")
+    try:
+        bulk = client.submit_bulk("upper", [f"o{i}" for i in range(35)], chunk_size=100)
+        [chunk] = client.chunks(bulk.id)
+        client.submit("echo", {"urgent": True})
+        assert rt.execute(chunk.id) == "succeeded"
+        assert client.get(chunk.id).preemptions == 0
+    finally:
+        rt.close()

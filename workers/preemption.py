@@ -25,10 +25,13 @@ return n
 
 
 class HigherTierCheck:
-    """Counts messages and buffered jobs waiting in the tiers above ``tier``."""
+    """Counts messages and buffered jobs waiting in the tiers above ``tier``.
 
-    def __init__(self, client: redis.Redis, tier: Tier) -> None:
-        above = [t for t in TIER_ORDER if t.rank < tier.rank]
+    Disabled (``ORCH_PREEMPTION=0``), it always answers 0: chunks run to their end.
+    """
+
+    def __init__(self, client: redis.Redis, tier: Tier, *, enabled: bool = True) -> None:
+        above = [t for t in TIER_ORDER if t.rank < tier.rank] if enabled else []
         self._keys = [queue_key(t, step) for t in above for step in PRIORITY_STEPS]
         self._sets = [buffers_set(t) for t in above]
         self._script = client.register_script(_WAITING)

@@ -131,7 +131,8 @@ class Runtime:
                     run_chunk(spec, claim, model,
                               context(spec, [claim], self.worker, self.resources.get(spec.name)),
                               policy=policy, segment=self._segment(spec),
-                              check=HigherTierCheck(self.services.redis, Tier(claim.tier)),
+                              check=HigherTierCheck(self.services.redis, Tier(claim.tier),
+                                                    enabled=self.settings.preemption),
                               results=self.results, outcomes=outcomes)
                 rest = [(c, m) for c, m in runnable if not self._is_chunk(spec, c)]
                 if rest:
