@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, worker_cmd
+from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, models_cmd, worker_cmd
 from orchestrator.errors import OrchestratorError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(jobs_cmd.app, name="jobs")
+app.add_typer(models_cmd.app, name="models")
 app.command("worker")(worker_cmd.worker)
 app.command("demo")(demo_cmd.demo)
 
