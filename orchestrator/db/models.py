@@ -13,6 +13,7 @@ from typing import Any, ClassVar, cast
 from sqlalchemy import (
     JSON,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -34,6 +35,10 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -91,11 +96,18 @@ class Outcome:
 
 
 class Tenant(Base):
+    """A tenant: its fair-share weight and its quotas (NULL: that quota is off)."""
+
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     weight: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime]
+    #: tier -> most jobs queued or running at once (tiers not listed are unlimited)
+    max_inflight: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    rate_per_s: Mapped[float | None] = mapped_column(Double)
+    burst: Mapped[int | None] = mapped_column(Integer)
+    monthly_budget: Mapped[Decimal | None] = mapped_column(Numeric(18, 8))
 
 
 class Job(Base):
@@ -106,6 +118,8 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
         Index("ix_jobs_kind_created", "kind", "created_at"),
         Index("ix_jobs_parent_id", "parent_id"),
+        # Counts a tenant's in-flight submissions per tier from the index alone.
+        Index("ix_jobs_tenant_tier_state", "tenant", "tier", "state", "parent_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
