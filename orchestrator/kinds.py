@@ -66,7 +66,7 @@ class BatchPolicy:
     bulk_field: str | None = None
     chunk_size: int = 1024
     segment_size: int | None = None
-    """Items per mini-batch of a bulk chunk (its preemption points); default 4 model batches."""
+    """Items per mini-batch of a bulk chunk (its preemption points); default one model call."""
 
     def size(self, tier: TierPolicy) -> int:
         return self.max_batch_size or tier.max_batch_size

@@ -19,6 +19,7 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from orchestrator.admission import record_service
 from orchestrator.batching import Buffers, processing_key
 from orchestrator.broker import publish
 from orchestrator.db.models import JobState, Outcome
@@ -147,12 +148,16 @@ class Runtime:
     def _segment(self, spec: KindSpec) -> int:
         """Items per mini-batch of a chunk: the preemption points are this far apart."""
         return spec.batch.segment_size if spec.batch and spec.batch.segment_size \
-            else self.settings.model_batch * 4
+            else self.settings.model_batch
 
     def _finish(self, outcomes: Outcomes) -> dict[str, str | None]:
         """Record every outcome in one transaction, then act on what was recorded."""
         finishes = [self._to_finish(outcomes, *item) for item in outcomes.items]
         owned = self.services.store.finish_many(finishes)
+        if finishes:  # slot seconds per job, claim to finish: admission control's estimate
+            started = min(f.claim.started_at for f in finishes)
+            record_service(self.services.redis, finishes[0].claim.tier,
+                           (utcnow() - started).total_seconds(), len(finishes))
         states: dict[str, str | None] = {}
         for finish in finishes:
             job_id = finish.claim.job_id
