@@ -108,18 +108,19 @@ def test_bulk_resumes_after_a_killed_worker_with_every_item_done_once(
     client: Client, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     items = [f"slow-{i}" if i % 10 == 0 else f"i{i}" for i in range(60)]
-    a = start_worker(concurrency=1)
+    start_worker(concurrency=1)
     handle = client.submit_bulk("upper", items, chunk_size=10)
     deadline = time.monotonic() + 30
-    while handle.job().items_done < 10:  # at least one chunk done, others pending
-        assert time.monotonic() < deadline, "no chunk finished"
-        time.sleep(0.05)
-    running = [c for c in client.chunks(handle.id) if c.state == "running"]
-    if running:
-        attempt = client.attempts(running[0].id)[-1]
-        os.kill(int(attempt.worker.rsplit(":", 1)[1]), signal.SIGKILL)
-    else:
-        a.kill()
+    running: list[str] = []
+    while not running:  # a chunk is mid-run, after at least one has finished
+        assert time.monotonic() < deadline, "no chunk ran"
+        chunks = client.chunks(handle.id)
+        if any(c.state == "succeeded" for c in chunks):
+            running = [c.id for c in chunks if c.state == "running"]
+        time.sleep(0.02)
+    # Kill the pool process running it (the worker's parent requeues its message).
+    attempt = client.attempts(running[0])[-1]
+    os.kill(int(attempt.worker.rsplit(":", 1)[1]), signal.SIGKILL)
     start_worker(concurrency=1)
     result = handle.result(timeout=90)
     assert result["items"] == 60
@@ -127,3 +128,5 @@ def test_bulk_resumes_after_a_killed_worker_with_every_item_done_once(
     chunks = client.chunks(handle.id)
     assert all(c.state == "succeeded" for c in chunks)
     assert sum(c.items for c in chunks) == 60 == handle.job().items_done
+    outcomes = [a.outcome for a in client.attempts(running[0])]
+    assert outcomes == ["lost", "succeeded"]  # the killed run, then the one that finished it
