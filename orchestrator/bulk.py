@@ -84,6 +84,7 @@ def submit_bulk(
         payload={**params, "bulk": {"field": field, "chunk_size": size}},
         max_attempts=max_attempts, idempotency_key=idempotency_key, state=JobState.RUNNING,
     )
+    client._admit(tier, tenant, idempotency_key)  # load shedding and quotas, nothing stored yet
     parent_id, created = store.create(parent)
     if not created:
         return JobHandle(client, parent_id, created=False)

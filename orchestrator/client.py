@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel
 from redis import RedisError
 
+from orchestrator.admission import Admission
 from orchestrator.batching import Buffers
 from orchestrator.broker import publish
 from orchestrator.db.models import JobState
@@ -35,6 +36,7 @@ from orchestrator.errors import (
     ServiceUnavailable,
 )
 from orchestrator.kinds import KindSpec
+from orchestrator.quotas import Quotas
 from orchestrator.services import Services, done_channel
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -85,6 +87,9 @@ class Client:
         self.settings = services.settings
         self._buffers = Buffers(services.redis, services.celery,
                                 processing_ttl_s=services.settings.visibility_timeout_s)
+        self._admission = Admission(services.redis, services.settings)
+        self._quotas = Quotas(services.engine, services.redis,
+                              redis_url=services.settings.redis_url())
 
     @classmethod
     def from_env(cls) -> Client:
@@ -130,6 +135,8 @@ class Client:
             UnknownKind: no imported module declares ``kind``.
             InvalidPayload: the payload does not match the kind's schema (field by field).
             InvalidOption: tier, tenant, idempotency key or deadline is malformed.
+            Overloaded: the tier sheds load (``retry_after`` says when to try again).
+            QuotaExceeded: one of the tenant's quotas refuses it (``quota`` names which).
             ServiceUnavailable: the job could not be stored or published (nothing is left
                 behind).
         """
@@ -140,6 +147,7 @@ class Client:
         _check_key(idempotency_key)
         due = _parse_deadline(deadline)
         policy = self.settings.policy(chosen)
+        self._admit(chosen, tenant, idempotency_key)
         new = NewJob(
             tenant=tenant, kind=kind, tier=chosen.value, priority=policy.priority,
             payload=model.model_dump(mode="json"),
@@ -189,6 +197,8 @@ class Client:
             UnknownKind, InvalidOption: as for ``submit``; also a kind without bulk support.
             InvalidPayload: an item or a param is invalid (locations are indexes in the whole
                 stream); nothing is kept.
+            Overloaded, QuotaExceeded: as for ``submit`` (the bulk job counts as one
+                submission; its tier's backlog is checked before the first item is read).
             ServiceUnavailable: the broker refused the chunks (the job is cancelled).
         """
         from orchestrator.bulk import submit_bulk
@@ -198,6 +208,21 @@ class Client:
         return submit_bulk(self, kind, items, params=params, tier=_parse_tier(tier),
                            tenant=tenant, chunk_size=chunk_size,
                            idempotency_key=idempotency_key)
+
+    def _admit(self, tier: Tier, tenant: str, idempotency_key: str | None) -> None:
+        """Refuse a submit that the tier's load or the tenant's quotas do not allow.
+
+        Runs before anything is stored. A submit whose idempotency key already names a job
+        passes: it adds no work and returns that job.
+
+        Raises:
+            Overloaded, QuotaExceeded, ServiceUnavailable.
+        """
+        if idempotency_key is not None and \
+                self.services.store.find_by_key(tenant, idempotency_key) is not None:
+            return
+        self._admission.check(tier)
+        self._quotas.check(tenant, tier)
 
     def chunks(self, job_id: str) -> list[JobView]:
         """A bulk job's chunks, in item order."""

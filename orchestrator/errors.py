@@ -58,6 +58,44 @@ class InvalidOption(SubmitError):
     """Raised when a submit option (tier, tenant, idempotency key, deadline) is malformed."""
 
 
+class Overloaded(SubmitError):
+    """Raised when a tier sheds load: its estimated queue wait exceeds its objective, or its
+    backlog has reached ``max_backlog`` or ``hard_backlog``.
+
+    ``retry_after`` is the number of seconds after which the backlog should have drained
+    enough to accept the job; ``reason`` names the bound that refused it.
+    """
+
+    def __init__(self, tier: str, *, reason: str, retry_after: float, detail: str) -> None:
+        self.tier = tier
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(f"{tier} tier is overloaded: {detail}; retry after {retry_after:g}s")
+
+
+class QuotaExceeded(SubmitError):
+    """Raised when a tenant's quota refuses a submit; ``quota`` names which one.
+
+    ``quota`` is ``max_inflight`` (jobs queued or running in ``tier``), ``rate`` (submissions
+    per second) or ``monthly_budget`` (cost this calendar month). ``retry_after`` is seconds
+    until the quota frees up, or None when that depends on the tenant's own jobs finishing.
+    """
+
+    def __init__(self, tenant: str, *, quota: str, limit: Any, retry_after: float | None,
+                 current: Any = None, tier: str | None = None, detail: str | None = None
+                 ) -> None:
+        self.tenant = tenant
+        self.quota = quota
+        self.limit = limit
+        self.retry_after = retry_after
+        self.current = current
+        self.tier = tier
+        scope = f" in the {tier} tier" if tier else ""
+        what = detail or f"limit {limit}" + ("" if current is None else f", now {current}")
+        retry = "" if retry_after is None else f"; retry after {retry_after:g}s"
+        super().__init__(f"tenant {tenant!r} is over its {quota} quota{scope}: {what}{retry}")
+
+
 # --- job outcomes ----------------------------------------------------------------------------
 
 

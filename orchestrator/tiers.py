@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Tier(StrEnum):
@@ -41,6 +41,12 @@ class TierPolicy(BaseModel):
 
     ``time_limit_s`` is the hard limit of one execution; ``lease_s`` is how long a claim on a
     job stays valid without a heartbeat (renewed every third of it while the job runs).
+
+    Admission control (``orchestrator.admission``), each check off at 0: a submit is refused
+    with ``Overloaded`` when the estimated queue wait (backlog x measured seconds per job /
+    live worker slots) exceeds ``queue_wait_objective_s``, when the backlog has reached
+    ``max_backlog`` (the load-shedding bound), or when it has reached ``hard_backlog`` (the cap
+    that protects Redis, applied even when no worker is registered to estimate from).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +60,17 @@ class TierPolicy(BaseModel):
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
     preempt_min_slice_s: float = Field(default=1.0, ge=0)
+    queue_wait_objective_s: float = Field(default=0.0, ge=0)
+    max_backlog: int = Field(default=0, ge=0)
+    hard_backlog: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _hard_cap_above_shedding(self) -> TierPolicy:
+        if self.hard_backlog and self.max_backlog > self.hard_backlog:
+            raise ValueError(
+                f"max_backlog ({self.max_backlog}) must not exceed hard_backlog "
+                f"({self.hard_backlog}): the hard cap is the last line")
+        return self
 
     @property
     def resume_priority(self) -> int:
@@ -66,16 +83,17 @@ DEFAULT_POLICIES: dict[Tier, TierPolicy] = {
     Tier.INTERACTIVE: TierPolicy(
         priority=0, time_limit_s=60, lease_s=30, max_attempts=3,
         backoff_base_s=0.2, backoff_max_s=5, max_batch_size=16, max_queue_delay_ms=10,
+        queue_wait_objective_s=0.5, hard_backlog=10_000,
     ),
     Tier.NEARLINE: TierPolicy(
         priority=3, time_limit_s=900, lease_s=60, max_attempts=5,
         backoff_base_s=2, backoff_max_s=120, max_batch_size=64, max_queue_delay_ms=500,
-        preempt_min_slice_s=0.25,
+        preempt_min_slice_s=0.25, max_backlog=100_000,
     ),
     Tier.OFFLINE: TierPolicy(
         priority=6, time_limit_s=7200, lease_s=120, max_attempts=8,
         backoff_base_s=10, backoff_max_s=900, max_batch_size=256, max_queue_delay_ms=5000,
-        preempt_min_slice_s=0.5,
+        preempt_min_slice_s=0.5, hard_backlog=5_000_000,
     ),
 }
 

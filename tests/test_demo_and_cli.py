@@ -86,6 +86,9 @@ def test_cli_errors_are_one_line_and_exit_non_zero(client: Client) -> None:
     assert bad_state.returncode == 1 and "unknown state 'sleeping'" in bad_state.stderr
     bad_tier = _cli("worker", "--tiers", "interactive,urgent", env=env)
     assert bad_tier.returncode == 1 and "unknown tier 'urgent'" in bad_tier.stderr
+    unknown = _cli("frobnicate", env=env)
+    assert unknown.returncode == 2 and "No such command 'frobnicate'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
     bad_setting = _cli("jobs", "list", env={**env, "ORCH_TIER_OFFLINE_LEASE": "3"})
     assert bad_setting.returncode == 1 and "unknown setting ORCH_TIER_OFFLINE_LEASE" in (
         bad_setting.stderr)

@@ -12,6 +12,7 @@ import os
 import socket
 from typing import Any
 
+import redis
 from celery import Celery, Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -21,6 +22,7 @@ from orchestrator.embedded import EmbeddedRedis
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
+from workers.registry import Heartbeat
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,8 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
     """Run a worker serving ``tiers`` in that order until it is told to stop; return its code.
 
     A free slot takes a message from the first listed tier that has one (and, within Redis,
-    from the best priority step first; each tier owns one step, so the orders agree).
+    from the best priority step first; each tier owns one step, so the orders agree). While it
+    runs, the main process registers its slots for admission control (``workers.registry``).
     """
     embedded = EmbeddedRedis(settings.state_dir) if settings.embedded_broker else None
     if embedded is not None:
@@ -96,7 +99,12 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
             without_heartbeat=True,
             optimization="fair",
         )
-        worker.start()
+        registry = redis.Redis.from_url(settings.redis_url(), socket_connect_timeout=5)
+        try:
+            with Heartbeat(registry, name, tiers, concurrency):
+                worker.start()
+        finally:
+            registry.close()
         return int(worker.exitcode or 0)
     finally:
         if embedded is not None:

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, models_cmd, worker_cmd
+from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, models_cmd, tenants_cmd, worker_cmd
 from orchestrator.errors import OrchestratorError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(tenants_cmd.app, name="tenants")
 app.command("worker")(worker_cmd.worker)
 app.command("demo")(demo_cmd.demo)
 
@@ -40,10 +41,10 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors: Typer >= 0.29 raises its bundled click's ClickException, not click's,
+        # so recognise it by what it does rather than by class.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise

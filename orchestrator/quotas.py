@@ -1,0 +1,305 @@
+"""Per-tenant quotas, checked at submit before anything is stored.
+
+Three quotas, each off while its column on ``tenants`` is NULL:
+
+- **in flight** (``max_inflight``, per tier): submissions of the tenant that are deferred,
+  queued or running. Counted in the database, the source of truth, with one query on the index
+  ``(tenant, tier, state, parent_id)`` that stops counting at the limit, so its cost is bounded
+  by the limit and not by the tenant's history. A Redis counter would save that query but would
+  have to be decremented on every path by which a job ends (workers, cancel, deadline, the
+  reconciler, a lost worker), and one crash between the database commit and the decrement
+  leaves it wrong for good. A bulk job counts once (its parent), not once per chunk. Concurrent
+  submits of one tenant can each see room for one more job, so the limit can be overshot by the
+  number of submits racing in the same instant.
+- **rate** (``rate_per_s`` with ``burst``): a moving window of the ``limits`` library in Redis.
+  Rate R with burst B is a window of ``ceil(B / R)`` whole seconds holding ``max(B, R * window)``
+  submissions: about B accepted at once (more when B / R is not a whole number of seconds),
+  R a second on average. B defaults to, and is at least, ``ceil(R)``. A submit refused by any
+  check does not use up the rate.
+- **monthly budget** (``monthly_budget``): the sum of ``jobs.cost`` of the tenant's submissions
+  created this calendar month (UTC) refuses new work once it reaches the budget. The sum is
+  cached in Redis for ``SPEND_CACHE_S`` so a busy tenant does not re-sum its month on every
+  submit. Costs are written as jobs are accounted; a job without a cost yet (NULL) adds nothing,
+  so until costs are filled in the budget never trips. A bulk job's cost is read from its parent
+  row, into which its chunks' accounting adds up (as their CPU seconds already do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+import redis
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy import Engine, and_, func, select, update
+
+from orchestrator.db.models import JobState, jobs, tenants
+from orchestrator.db.store import _insert_ignore, utcnow
+from orchestrator.errors import InvalidOption, QuotaExceeded, ServiceUnavailable
+from orchestrator.tiers import TIER_ORDER, Tier
+
+#: Seconds a tenant's month-to-date spend is reused before it is summed again.
+SPEND_CACHE_S = 10
+RATE_KEY_PREFIX = "orch:rate"
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: For ``TenantStore.set``: leave this quota as it is (None clears it).
+KEEP: Final = _Keep()
+
+
+@dataclass(frozen=True)
+class TenantQuotas:
+    """A tenant's weight and quotas; None (or a tier missing from ``max_inflight``) is off."""
+
+    name: str
+    weight: int = 1
+    max_inflight: dict[str, int] = field(default_factory=dict)
+    rate_per_s: float | None = None
+    burst: int | None = None
+    monthly_budget: Decimal | None = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.max_inflight) or self.rate_per_s is not None \
+            or self.monthly_budget is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "weight": self.weight, "max_inflight": dict(self.max_inflight),
+            "rate_per_s": self.rate_per_s, "burst": self.burst,
+            "monthly_budget": None if self.monthly_budget is None else str(self.monthly_budget),
+        }
+
+
+def rate_item(rate_per_s: float, burst: int | None) -> RateLimitItem:
+    """The moving window that enforces rate R with burst B (see the module docstring)."""
+    wanted = max(burst or 0, math.ceil(rate_per_s), 1)
+    window = max(1, math.ceil(wanted / rate_per_s))
+    return RateLimitItemPerSecond(max(wanted, math.floor(rate_per_s * window)), window)
+
+
+def month_start(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_month_start(now: datetime) -> datetime:
+    start = month_start(now)
+    return start.replace(year=start.year + 1, month=1) if start.month == 12 \
+        else start.replace(month=start.month + 1)
+
+
+def _row_to_quotas(row: Any) -> TenantQuotas:
+    return TenantQuotas(
+        name=row.name, weight=int(row.weight or 1),
+        max_inflight={str(k): int(v) for k, v in (row.max_inflight or {}).items()},
+        rate_per_s=row.rate_per_s, burst=row.burst, monthly_budget=row.monthly_budget,
+    )
+
+
+_TENANT_COLUMNS = (tenants.c.name, tenants.c.weight, tenants.c.max_inflight,
+                   tenants.c.rate_per_s, tenants.c.burst, tenants.c.monthly_budget)
+
+
+def _in_flight(tenant: str, tier: str) -> Any:
+    return and_(jobs.c.tenant == tenant, jobs.c.tier == tier,
+                jobs.c.state.in_(JobState.ACTIVE), jobs.c.parent_id.is_(None))
+
+
+class TenantStore:
+    """Tenants' quotas and what they use, in the database (no Redis needed)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def get(self, name: str) -> TenantQuotas | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*_TENANT_COLUMNS).where(tenants.c.name == name)).first()
+        return _row_to_quotas(row) if row else None
+
+    def all(self) -> list[TenantQuotas]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*_TENANT_COLUMNS).order_by(tenants.c.name)).all()
+        return [_row_to_quotas(row) for row in rows]
+
+    def set(
+        self,
+        name: str,
+        *,
+        weight: int | _Keep = KEEP,
+        max_inflight: Mapping[str, int | None] | None = None,
+        rate_per_s: float | _Keep | None = KEEP,
+        burst: int | _Keep | None = KEEP,
+        monthly_budget: Decimal | _Keep | None = KEEP,
+    ) -> TenantQuotas:
+        """Create the tenant if needed and change the given quotas; None clears one.
+
+        ``max_inflight`` maps tiers to their new limit (None removes that tier's limit).
+
+        Raises:
+            InvalidOption: a value is out of range or a tier is unknown.
+        """
+        current = self.get(name) or TenantQuotas(name=name)
+        caps = dict(current.max_inflight)
+        for tier, limit in (max_inflight or {}).items():
+            if tier not in {t.value for t in TIER_ORDER}:
+                raise InvalidOption(
+                    f"unknown tier {tier!r}; choose from interactive, nearline, offline")
+            if limit is None:
+                caps.pop(tier, None)
+            elif limit < 0:
+                raise InvalidOption(f"max in-flight for {tier} must be 0 or more")
+            else:
+                caps[tier] = int(limit)
+        new = TenantQuotas(
+            name=name,
+            weight=current.weight if isinstance(weight, _Keep) else weight,
+            max_inflight=caps,
+            rate_per_s=current.rate_per_s if isinstance(rate_per_s, _Keep) else rate_per_s,
+            burst=current.burst if isinstance(burst, _Keep) else burst,
+            monthly_budget=current.monthly_budget if isinstance(monthly_budget, _Keep)
+            else monthly_budget,
+        )
+        _validate(new)
+        with self.engine.begin() as conn:
+            _insert_ignore(conn, tenants, {"name": name, "weight": 1, "created_at": utcnow()})
+            conn.execute(update(tenants).where(tenants.c.name == name).values(
+                weight=new.weight, max_inflight=new.max_inflight or None,
+                rate_per_s=new.rate_per_s, burst=new.burst, monthly_budget=new.monthly_budget,
+            ))
+        return new
+
+    def inflight(self, tenant: str, tier: Tier | str, *, cap: int | None = None) -> int:
+        """The tenant's deferred, queued or running submissions in ``tier`` (at most ``cap``)."""
+        inner = select(jobs.c.tenant).where(_in_flight(tenant, Tier(tier).value))
+        if cap is not None:
+            inner = inner.limit(cap)
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(inner.subquery())).scalar_one())
+
+    def inflight_by_tier(self) -> dict[str, dict[str, int]]:
+        """Tenant -> tier -> in-flight submissions, for every tenant with any."""
+        query = (select(jobs.c.tenant, jobs.c.tier, func.count())
+                 .where(and_(jobs.c.state.in_(JobState.ACTIVE), jobs.c.parent_id.is_(None)))
+                 .group_by(jobs.c.tenant, jobs.c.tier))
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for tenant, tier, count in conn.execute(query):
+                out.setdefault(tenant, {})[tier] = int(count)
+        return out
+
+    def spend(self, tenant: str, *, now: datetime | None = None) -> Decimal:
+        """The cost of the tenant's submissions created this calendar month (UTC)."""
+        since = month_start(now or utcnow())
+        query = select(func.sum(jobs.c.cost)).where(and_(
+            jobs.c.tenant == tenant, jobs.c.created_at >= since, jobs.c.parent_id.is_(None)))
+        with self.engine.connect() as conn:
+            total = conn.execute(query).scalar_one()
+        return Decimal(total or 0)
+
+
+def _validate(q: TenantQuotas) -> None:
+    if q.weight < 1:
+        raise InvalidOption("weight must be 1 or more")
+    if q.rate_per_s is not None and not (q.rate_per_s > 0 and math.isfinite(q.rate_per_s)):
+        raise InvalidOption("rate must be a positive number of submissions per second")
+    if q.burst is not None and q.burst < 1:
+        raise InvalidOption("burst must be 1 or more")
+    if q.burst is not None and q.rate_per_s is None:
+        raise InvalidOption("burst needs a rate (set --rate too)")
+    if q.monthly_budget is not None and not (q.monthly_budget >= 0
+                                             and q.monthly_budget.is_finite()):
+        raise InvalidOption("budget must be 0 or more")
+
+
+def parse_budget(text: str) -> Decimal:
+    """Raises: InvalidOption."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise InvalidOption(f"budget {text!r} is not a number") from None
+    if not value.is_finite():
+        raise InvalidOption(f"budget {text!r} is not a number")
+    return value
+
+
+class Quotas:
+    """Checks a tenant's quotas for one more submit."""
+
+    def __init__(self, engine: Engine, client: redis.Redis, *, redis_url: str) -> None:
+        self.tenants = TenantStore(engine)
+        self.redis = client
+        storage = RedisStorage(redis_url, connection_pool=client.connection_pool,
+                               key_prefix=RATE_KEY_PREFIX)
+        self._limiter = MovingWindowRateLimiter(storage)
+
+    def check(self, tenant: str, tier: Tier) -> None:
+        """Admit one more submit of ``tenant`` to ``tier`` or refuse it.
+
+        The rate is checked last, so a submit refused by another quota does not use it up.
+
+        Raises:
+            QuotaExceeded: names the quota that refused it.
+            ServiceUnavailable: Redis does not answer the rate check.
+        """
+        quotas = self.tenants.get(tenant)
+        if quotas is None or not quotas.limited:
+            return
+        limit = quotas.max_inflight.get(tier.value)
+        if limit is not None:
+            count = self.tenants.inflight(tenant, tier, cap=limit)
+            if count >= limit:
+                raise QuotaExceeded(tenant, quota="max_inflight", limit=limit, current=count,
+                                    tier=tier.value, retry_after=None)
+        if quotas.monthly_budget is not None:
+            self._check_budget(tenant, quotas.monthly_budget)
+        if quotas.rate_per_s is not None:
+            self._check_rate(tenant, quotas.rate_per_s, quotas.burst)
+
+    def _check_budget(self, tenant: str, budget: Decimal) -> None:
+        now = utcnow()
+        spent = self._spend(tenant, now)
+        if spent >= budget:
+            raise QuotaExceeded(
+                tenant, quota="monthly_budget", limit=budget, current=spent,
+                retry_after=round((next_month_start(now) - now).total_seconds(), 3),
+                detail=f"spent {spent} of {budget} this month")
+
+    def _spend(self, tenant: str, now: datetime) -> Decimal:
+        key = f"orch:spend:{tenant}:{now:%Y-%m}"
+        try:
+            cached = self.redis.get(key)
+        except redis.RedisError:
+            cached = None
+        if cached is not None:
+            return Decimal(cached.decode() if isinstance(cached, bytes) else str(cached))
+        spent = self.tenants.spend(tenant, now=now)
+        with contextlib.suppress(redis.RedisError):  # the cache only saves a query
+            self.redis.set(key, str(spent), ex=SPEND_CACHE_S)
+        return spent
+
+    def _check_rate(self, tenant: str, rate: float, burst: int | None) -> None:
+        item = rate_item(rate, burst)
+        try:
+            if self._limiter.hit(item, tenant):
+                return
+            stats = self._limiter.get_window_stats(item, tenant)
+        except redis.RedisError as e:
+            raise ServiceUnavailable(f"Redis does not answer the rate check: {e}") from e
+        raise QuotaExceeded(
+            tenant, quota="rate", limit=rate,
+            retry_after=round(max(stats.reset_time - time.time(), 0.001), 3),
+            detail=f"{item.amount} submissions per {item.multiples}s ({rate:g}/s)")
