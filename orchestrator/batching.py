@@ -146,7 +146,7 @@ class Buffers:
                                    "priority": priority}
         if countdown:
             options["countdown"] = countdown
-        options.update(time_limits(time_limit))
+        options.update(time_limits(self.celery, time_limit))
         self.celery.send_task(BATCH_TASK, args=[kind, key, tier.value], **options)
 
     def take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,

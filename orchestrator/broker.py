@@ -51,7 +51,8 @@ def make_celery(settings: Settings, *, name: str = "orchestrator") -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_soft_time_limit=longest,
-        task_time_limit=longest + HARD_LIMIT_GRACE_S,
+        task_time_limit=longest + settings.hard_limit_grace_s,
+        orch_hard_limit_grace_s=settings.hard_limit_grace_s,
         broker_pool_limit=10,
     )
     return app
@@ -80,20 +81,16 @@ def publish(
     }
     if countdown:
         options["countdown"] = countdown
-    options.update(time_limits(time_limit))
+    options.update(time_limits(app, time_limit))
     app.send_task(RUN_TASK, args=[job_id], **options)
 
 
-#: Seconds between the soft limit (the kind is interrupted and the attempt fails as transient)
-#: and the hard one (the pool process is killed).
-HARD_LIMIT_GRACE_S = 30.0
-
-
-def time_limits(limit_s: float | None) -> dict[str, float]:
+def time_limits(app: Celery, limit_s: float | None) -> dict[str, float]:
     """Celery options for a tier's time limit: soft at the limit, hard a grace period later."""
     if not limit_s:
         return {}
-    return {"soft_time_limit": limit_s, "time_limit": limit_s + HARD_LIMIT_GRACE_S}
+    grace = float(app.conf.get("orch_hard_limit_grace_s", 30.0))
+    return {"soft_time_limit": limit_s, "time_limit": limit_s + grace}
 
 
 def queue_key(tier: Tier, priority: int) -> str:

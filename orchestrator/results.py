@@ -44,6 +44,20 @@ class ResultStore:
             return np.concatenate([np.asarray(p) for p in pieces])
         return [row for piece in pieces for row in piece]
 
+    def covers(self, parent_id: str, chunk_id: str, start: int) -> bool:
+        """True when checkpoint parts hold exactly the results of items ``0..start``."""
+        if start == 0:
+            return True
+        rows = 0
+        for part in sorted((self.root / parent_id).glob(f"{chunk_id}.part-*")):
+            offset = int(part.name.split(".part-")[1].split(".")[0])
+            if offset >= start:
+                break  # written by a run whose checkpoint was never recorded: not ours
+            if offset != rows:
+                return False
+            rows += len(read_chunk(str(part)))
+        return rows == start
+
     def drop_parts(self, parent_id: str, chunk_id: str) -> None:
         for part in (self.root / parent_id).glob(f"{chunk_id}.part-*"):
             part.unlink(missing_ok=True)

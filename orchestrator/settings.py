@@ -38,6 +38,9 @@ class Settings(BaseModel):
     tiers: dict[Tier, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_POLICIES))
     visibility_timeout_s: float = Field(default=4 * 3600, gt=0)
     unacked_restore_s: float = Field(default=10, gt=0)
+    #: Seconds between a task's soft time limit (the kind is interrupted, the attempt fails as
+    #: transient) and its hard one (the pool process is killed).
+    hard_limit_grace_s: float = Field(default=30, ge=0)
     result_wait_poll_s: float = Field(default=5.0, gt=0)
     model_threads: int = Field(default=1, ge=1, le=64)
     model_batch: int = Field(default=16, ge=1, le=4096)
@@ -59,11 +62,14 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
-        longest = max(policy.time_limit_s for policy in self.tiers.values())
+        # The hard limit kills a task this long after its soft limit (orchestrator.broker).
+        grace = self.hard_limit_grace_s
+        longest = max(policy.time_limit_s for policy in self.tiers.values()) + grace
         if self.visibility_timeout_s <= longest:
             raise ValueError(
                 f"visibility_timeout_s ({self.visibility_timeout_s:g}) must be longer than the "
-                f"longest tier time limit ({longest:g}s), or Redis redelivers running tasks"
+                f"longest tier time limit plus its {grace:g}s grace ({longest:g}s), "
+                "or Redis redelivers running tasks"
             )
         return self
 
@@ -81,6 +87,7 @@ class Settings(BaseModel):
         known = {
             "ORCH_DATABASE_URL", "ORCH_BROKER_URL", "ORCH_IMPORTS", "ORCH_STATE_DIR",
             "ORCH_MODEL_DIR", "ORCH_VISIBILITY_TIMEOUT_S", "ORCH_UNACKED_RESTORE_S",
+            "ORCH_HARD_LIMIT_GRACE_S",
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
             "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION",
         }
@@ -105,6 +112,7 @@ class Settings(BaseModel):
         for key, var in (
             ("visibility_timeout_s", "ORCH_VISIBILITY_TIMEOUT_S"),
             ("unacked_restore_s", "ORCH_UNACKED_RESTORE_S"),
+            ("hard_limit_grace_s", "ORCH_HARD_LIMIT_GRACE_S"),
             ("result_wait_poll_s", "ORCH_RESULT_WAIT_POLL_S"),
             ("model_threads", "ORCH_MODEL_THREADS"),
             ("model_batch", "ORCH_MODEL_BATCH"),
@@ -167,6 +175,7 @@ class Settings(BaseModel):
             "ORCH_MODEL_DIR": str(self.model_dir),
             "ORCH_VISIBILITY_TIMEOUT_S": repr(self.visibility_timeout_s),
             "ORCH_UNACKED_RESTORE_S": repr(self.unacked_restore_s),
+            "ORCH_HARD_LIMIT_GRACE_S": repr(self.hard_limit_grace_s),
             "ORCH_RESULT_WAIT_POLL_S": repr(self.result_wait_poll_s),
             "ORCH_MODEL_THREADS": str(self.model_threads),
             "ORCH_MODEL_BATCH": str(self.model_batch),

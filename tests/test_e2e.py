@@ -114,6 +114,7 @@ def test_whole_worker_killed_mid_task_another_worker_finishes_it_exactly_once(
     # unacknowledged message to the survivor within the test.
     fast = {f"ORCH_TIER_{t}_TIME_LIMIT_S": "4" for t in ("INTERACTIVE", "NEARLINE", "OFFLINE")}
     fast["ORCH_VISIBILITY_TIMEOUT_S"] = "6"
+    fast["ORCH_HARD_LIMIT_GRACE_S"] = "1"
     out = tmp_path / "effects.txt"
     a = start_worker(concurrency=1, **fast)
     handle = client.submit("record", {"path": str(out), "label": "y", "sleep_s": 2.0})

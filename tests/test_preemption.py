@@ -114,3 +114,20 @@ def test_with_preemption_off_a_chunk_runs_through_whatever_waits(
         assert client.get(chunk.id).preemptions == 0
     finally:
         rt.close()
+
+
+def test_a_resume_that_cannot_see_its_checkpoint_redoes_the_chunk_instead_of_losing_items(
+    client: Client, runtime: Runtime
+) -> None:
+    items = [f"m{i}" for i in range(35)]
+    bulk = client.submit_bulk("upper", items, chunk_size=100)
+    [chunk] = client.chunks(bulk.id)
+    urgent = client.submit("echo", {"urgent": True})
+    assert runtime.execute(chunk.id) == "queued"  # preempted at item 10
+    for part in Path(bulk.job().result_ref or "").glob("*.part-*"):
+        part.unlink()  # e.g. the next worker has no shared result store
+    urgent.cancel()
+    client.services.redis.flushdb()  # nothing waits above any more
+    assert runtime.execute(chunk.id) == "succeeded"
+    assert list(client.bulk_results(bulk.id, timeout=1)) == [t.upper() for t in items]
+    assert bulk.job().items_done == 35

@@ -85,7 +85,8 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
     embedded = EmbeddedRedis(settings.state_dir) if settings.embedded_broker else None
     if embedded is not None:
         embedded.attach()
-    name = hostname or f"{'-'.join(t.value for t in tiers)}@{socket.gethostname()}"
+    # The pid keeps two workers on one host apart (Celery, the registry and attempts use it).
+    name = hostname or f"{'-'.join(t.value for t in tiers)}-{os.getpid()}@{socket.gethostname()}"
     try:
         app = make_worker_app(settings, worker_name=name)
         worker = app.Worker(

@@ -37,7 +37,11 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
     assert claim.parent_id is not None
     field = spec.batch.bulk_field
     items = getattr(model, field)
-    start = done = claim.items_done
+    # Resume at the checkpoint only if its results are really there (a worker without the
+    # shared result store would otherwise assemble a short chunk); else redo the chunk.
+    start = claim.items_done if results.covers(claim.parent_id, claim.job_id,
+                                                claim.items_done) else 0
+    done = start
     pieces: list[Any] = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -44,7 +45,9 @@ def main() -> None:
     except Exception as e:
         # Usage errors: Typer >= 0.29 raises its bundled click's ClickException, not click's,
         # so recognise it by what it does rather than by class.
-        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
-            sys.exit(e.exit_code)
+        usage: Any = e
+        if callable(getattr(usage, "show", None)) and isinstance(
+                getattr(usage, "exit_code", None), int):
+            usage.show()
+            sys.exit(usage.exit_code)
         raise
