@@ -37,6 +37,7 @@ from orchestrator.errors import (
 )
 from orchestrator.kinds import KindSpec
 from orchestrator.quotas import Quotas
+from orchestrator.results import decode_result, iter_rows
 from orchestrator.services import Services, done_channel
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -234,8 +235,6 @@ class Client:
         Raises:
             JobFailed, JobCancelled, JobTimeout, JobNotFound: as for ``result``.
         """
-        from orchestrator.results import iter_rows
-
         self.result(job_id, timeout=timeout)
         paths = [c.result_ref for c in self.chunks(job_id) if c.result_ref]
         return iter_rows(paths)
@@ -335,7 +334,7 @@ class Client:
         if job.state == JobState.SUCCEEDED:
             if job.items_total is not None and job.parent_id is None:
                 return {"items": job.items_done, "result_dir": job.result_ref}
-            return job.result
+            return decode_result(job.result)
         if job.state == JobState.CANCELLED:
             raise JobCancelled(job_id)
         raise JobFailed(job_id, job.state, job.error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -80,6 +81,30 @@ class ResultStore:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
         return str(path)
+
+
+ARRAY_KEY = "__ndarray__"
+
+
+def encode_array(array: Any) -> dict[str, Any]:
+    """An array as JSON: its dtype, shape and little-endian bytes in base64.
+
+    A batch of embeddings as JSON numbers costs about a microsecond a float to write and read;
+    as bytes it costs almost nothing, and float32 values come back exactly.
+    """
+    a = np.ascontiguousarray(array)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return {ARRAY_KEY: {"dtype": a.dtype.str, "shape": list(a.shape),
+                        "data": base64.b64encode(a.tobytes()).decode("ascii")}}
+
+
+def decode_result(value: Any) -> Any:
+    """A stored result as the caller wants it: arrays decoded, anything else unchanged."""
+    if isinstance(value, dict) and set(value) == {ARRAY_KEY}:
+        spec = value[ARRAY_KEY]
+        raw = base64.b64decode(spec["data"])
+        return np.frombuffer(raw, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"]).copy()
+    return value
 
 
 def read_chunk(path: str) -> Any:

@@ -75,10 +75,19 @@ class Services:
 
     def signal_done(self, job_id: str, state: str) -> None:
         """Wake whoever waits on this job; losing the signal only delays them to their poll."""
+        self.signal_many([(job_id, state)])
+
+    def signal_many(self, ended: list[tuple[str, str]]) -> None:
+        """Announce several job ends in one round trip (a batch's)."""
+        if not ended:
+            return
         try:
-            self.redis.publish(done_channel(job_id), state)
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, state in ended:
+                pipe.publish(done_channel(job_id), state)
+            pipe.execute()
         except redis.RedisError:
-            log.warning("could not signal end of job %s", job_id, exc_info=True)
+            log.warning("could not signal the end of %d job(s)", len(ended), exc_info=True)
 
     def close(self) -> None:
         self.celery.close()

@@ -46,7 +46,8 @@ def test_embed_jobs_share_one_model_call_and_get_unit_vectors(
     runtime.execute_batch("embed", "tiny", "interactive", "m1")
     ja, jb = a.job(), b.job()
     assert ja.batch_id == jb.batch_id and ja.batch_size == 2
-    va, vb = np.asarray(ja.result), np.asarray(jb.result)
+    va, vb = a.result(timeout=1), b.result(timeout=1)
+    assert isinstance(va, np.ndarray) and va.dtype == np.float32  # stored as bytes, not floats
     assert va.shape[0] == 2 and vb.shape[0] == 1 and va.shape[1] == vb.shape[1]
     assert np.allclose(np.linalg.norm(va, axis=1), 1.0, atol=1e-5)
     assert ja.items == 2 and jb.items == 1
@@ -62,7 +63,7 @@ def test_the_same_text_gets_the_same_vector_whatever_its_batch(
     crowd = client.submit("embed", {"texts": ["the cat", "a dog sat on the mat today"],
                                     "model": "tiny"}, tier="nearline")
     runtime.execute_batch("embed", "tiny", "nearline", "m2")
-    assert np.allclose(alone.job().result[0], crowd.job().result[0], atol=1e-6)
+    assert np.allclose(alone.result(timeout=1)[0], crowd.result(timeout=1)[0], atol=1e-6)
 
 
 def test_an_unknown_model_fails_the_job_permanently(client: Client, runtime: Runtime) -> None:
@@ -137,3 +138,15 @@ def test_embed_and_score_run_end_to_end_on_all_three_tiers(
     jobs = client.wait(handles, timeout=60)
     assert [j.state for j in jobs] == ["succeeded"] * len(jobs)
     assert {j.tier for j in jobs} == {"interactive", "nearline", "offline"}
+
+
+def test_arrays_are_stored_as_bytes_and_come_back_exactly() -> None:
+    import json
+
+    from orchestrator.results import decode_result, encode_array
+
+    a = np.random.default_rng(1).normal(size=(3, 384)).astype(np.float32)
+    stored = json.loads(json.dumps(encode_array(a)))
+    back = decode_result(stored)
+    assert back.dtype == np.float32 and back.shape == (3, 384) and np.array_equal(a, back)
+    assert decode_result({"label": 1}) == {"label": 1}

@@ -27,7 +27,7 @@ from orchestrator.db.store import Claim, Finish, utcnow
 from orchestrator.errors import PermanentError, SubmitError, UnknownKind
 from orchestrator.fairness import FairDispatcher
 from orchestrator.kinds import KindSpec
-from orchestrator.results import ResultStore
+from orchestrator.results import ResultStore, encode_array
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -159,15 +159,18 @@ class Runtime:
             record_service(self.services.redis, finishes[0].claim.tier,
                            (utcnow() - started).total_seconds(), len(finishes))
         states: dict[str, str | None] = {}
+        ended: list[tuple[str, str]] = []
         for finish in finishes:
             job_id = finish.claim.job_id
             if job_id in owned:
                 states[job_id] = finish.state
-                self._after(finish)
+                if self._after(finish):
+                    ended.append((job_id, finish.state))
             else:
                 log.info("job %s: attempt %d no longer owns the job; its outcome is discarded",
                          job_id, finish.claim.attempt)
                 states[job_id] = None
+        self.services.signal_many(ended)
         return states
 
     def _to_finish(self, outcomes: Outcomes, claim: Claim, result: Any,
@@ -185,8 +188,8 @@ class Runtime:
             finish = replace(finish, batch_id=batch[0], batch_size=batch[1])
         return finish
 
-    def _after(self, finish: Finish) -> None:
-        """Publish what a recorded outcome calls for: a retry, a resume, a signal."""
+    def _after(self, finish: Finish) -> bool:
+        """Publish what a recorded outcome calls for (a retry, a resume); True if it ended."""
         claim = finish.claim
         policy = self.settings.policy(Tier(claim.tier))
         if finish.outcome == Outcome.PREEMPTED:
@@ -198,11 +201,12 @@ class Runtime:
             log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
                      claim.max_attempts, delay)
         else:
-            self.services.signal_done(claim.job_id, finish.state)
             if claim.parent_id is not None:
                 self._chunk_left(claim.job_id, claim.tier)
                 if finish.result_ref:
                     self.results.drop_parts(claim.parent_id, claim.job_id)
+            return True
+        return False
 
     def _chunk_left(self, chunk_id: str, tier: str) -> None:
         """A bulk chunk has ended: its place in the fair window goes to the next tenant."""
@@ -223,8 +227,8 @@ class Runtime:
         if claim.parent_id is not None:
             ref = self.results.write_chunk(claim.parent_id, claim.job_id, result)
             result = None
-        elif hasattr(result, "tolist"):
-            result = result.tolist()
+        elif hasattr(result, "dtype"):
+            result = encode_array(result)  # bytes, not thousands of JSON floats
         return Finish(claim, state=JobState.SUCCEEDED, outcome=Outcome.SUCCEEDED,
                       cpu_seconds=cpu, wall_seconds=wall, result=result, result_ref=ref,
                       items=items)

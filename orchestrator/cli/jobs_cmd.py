@@ -14,6 +14,7 @@ from rich.table import Table
 from orchestrator.db.models import JobState
 from orchestrator.db.store import AttemptView, JobStore, JobView
 from orchestrator.errors import InvalidOption, JobNotFound
+from orchestrator.results import decode_result
 from orchestrator.services import open_database
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -112,7 +113,9 @@ def _print_job(job: JobView, tries: list[AttemptView]) -> None:
     if job.result_ref:
         rows.append(("result file", job.result_ref))
     elif job.result is not None:
-        rows.append(("result", json.dumps(job.result)[:500]))
+        value = decode_result(job.result)
+        rows.append(("result", f"{value.dtype} array of shape {list(value.shape)}"
+                     if hasattr(value, "shape") else json.dumps(value)[:500]))
     if job.error:
         rows.append(("error", job.error))
     for key, value in rows:
