@@ -138,6 +138,7 @@ class JobStore(Transitions):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._tenants_seen: set[str] = set()
 
     # --- submit ------------------------------------------------------------------------------
 
@@ -155,7 +156,9 @@ class JobStore(Transitions):
         job_id = new_job_id()
         try:
             with self.engine.begin() as conn:
-                _insert_ignore(conn, tenants, {"name": job.tenant, "weight": 1, "created_at": now})
+                if job.tenant not in self._tenants_seen:  # once per tenant per process
+                    _insert_ignore(conn, tenants,
+                                   {"name": job.tenant, "weight": 1, "created_at": now})
                 conn.execute(
                     insert(jobs).values(
                         id=job_id, tenant=job.tenant, kind=job.kind, tier=job.tier,
@@ -170,12 +173,18 @@ class JobStore(Transitions):
                     )
                 )
         except IntegrityError:
+            if job.tenant in self._tenants_seen:
+                # The tenant row this process saw is gone (a test emptied the table): retry
+                # once with the upsert.
+                self._tenants_seen.discard(job.tenant)
+                return self.create(job, now=now)
             if job.idempotency_key is None:
                 raise
             existing = self.find_by_key(job.tenant, job.idempotency_key)
             if existing is None:
                 raise
             return existing, False
+        self._tenants_seen.add(job.tenant)
         return job_id, True
 
     def delete_unpublished(self, job_id: str) -> None:
