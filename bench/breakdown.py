@@ -1,11 +1,12 @@
-"""Where a job's time goes on the worker side, measured in-process against PostgreSQL.
+"""Where a job's time goes, measured in-process against PostgreSQL, without Celery.
 
-No Celery here: jobs are created with ``JobStore.create`` (and published, to time that too), then
-run one by one with ``Runtime.execute``, the exact code a pool process runs per message. Every
-SQL statement, COMMIT, pre-ping and rollback is timed through SQLAlchemy events and wrapped
-dialect methods, and the runtime's own steps (claim, finish, done signal) are timed around the
-calls. Then the same claim + finish pair is re-timed on engines configured differently, to put
-numbers on the cheap ways out (no pre-ping, asynchronous commit).
+Jobs are submitted with ``Client.submit`` (published too, to time that; the messages are then
+dropped) and run one by one with ``Runtime.execute``, the code a pool process runs per message.
+Every SQL statement, COMMIT, pre-ping and rollback is timed through SQLAlchemy events and
+wrapped dialect methods, and the steps of both paths (create, admission, publish; claim,
+finish, done signal) are timed around the calls. ``Runtime.execute`` also runs under cProfile.
+Then one claim + finish is re-timed with the alternatives in ``store_variants`` and on engines
+configured differently, to put numbers on the ways to make it cheaper.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import redis
 from sqlalchemy import Engine, create_engine, event
 
 from bench import store_variants
-from orchestrator.broker import publish
+from orchestrator import client as client_module
+from orchestrator.client import Client
 from orchestrator.db.engine import normalize_url
 from orchestrator.db.models import JobState
 from orchestrator.db.store import JobStore, NewJob
@@ -33,6 +35,7 @@ from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
 from workers.runtime import Runtime
 
+CPU_LABEL = "CPU time of this process"
 _TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM)\s+(\w+)", re.IGNORECASE)
 
 
@@ -83,11 +86,12 @@ class Timer:
             setattr(dialect, name, self.wrap(name.removeprefix("do_"), getattr(dialect, name),
                                              phased=True))
 
-    def per_job_us(self, prefix: str, n: int) -> dict[str, dict[str, float]]:
+    def per_job_us(self, prefix: str, n: int) -> dict[str, dict[str, Any]]:
         rows = {
             label.removeprefix(prefix): {
                 "us_per_job": round(1e6 * total / n, 1),
-                "calls_per_job": round(self.counts[label] / n, 2),
+                "calls_per_job": (round(self.counts[label] / n, 2)
+                                  if not label.endswith(CPU_LABEL) else "-"),
             }
             for label, total in self.totals.items() if label.startswith(prefix)
         }
@@ -100,17 +104,27 @@ def _new_job(i: int) -> NewJob:
 
 
 def _submit(services: Services, n: int, timer: Timer) -> list[str]:
+    """``Client.submit`` of ``echo`` jobs, with its steps timed where this version has them."""
+    client = Client(services)  # shares the instrumented engine; closed with ``services``
+    targets = [(services.store, "create", "JobStore.create"),
+               (client_module, "publish", "broker.publish"),
+               (client, "_admit", "Client._admit (admission + quotas)")]
+    targets = [t for t in targets if hasattr(t[0], t[1])]
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    for obj, name, label in targets:
+        setattr(obj, name, timer.wrap(f"submit:{label}", getattr(obj, name)))
+    submit = timer.wrap("submit:Client.submit", client.submit)
     timer.phase = "submit"
-    create = timer.wrap("submit:JobStore.create", services.store.create)
-    ids = []
     cpu0 = time.process_time()
-    for i in range(n):
-        job_id, _ = create(_new_job(i))
-        t0 = time.perf_counter()
-        publish(services.celery, job_id, Tier.INTERACTIVE, 0, time_limit=60)
-        timer.add("submit:broker.publish", time.perf_counter() - t0)
-        ids.append(job_id)
-    timer.add("submit:cpu (this process)", time.process_time() - cpu0)
+    try:
+        ids = [submit("echo", {"i": i}).id for i in range(n)]
+    finally:
+        timer.add(f"submit:{CPU_LABEL}", time.process_time() - cpu0)
+        for obj, name, original in originals:
+            if obj is client_module:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)  # back to the class's method
     return ids
 
 
@@ -136,24 +150,29 @@ def _execute(services: Services, ids: list[str], timer: Timer) -> float:
             if execute(job_id) != JobState.SUCCEEDED:
                 raise RuntimeError(f"job {job_id} did not succeed in-process")
     finally:
-        timer.add("execute:cpu (this process)", time.process_time() - cpu0)
+        timer.add(f"execute:{CPU_LABEL}", time.process_time() - cpu0)
         for obj, name, _label in targets:
             delattr(obj, name)  # back to the class's method
     return time.perf_counter() - t0
 
 
-# Functions (file name, function name) whose cumulative time says where ``execute`` goes;
-# those that do not exist in this version are simply absent from the report.
-WATCHED = {
-    ("runtime.py", "execute"), ("runtime.py", "_run_claims"), ("runtime.py", "_finish"),
-    ("store.py", "claim"), ("store.py", "claim_many"), ("store.py", "finish"),
-    ("store.py", "finish_many"), ("services.py", "signal_done"),
-    ("execution.py", "call_kind"), ("execution.py", "__enter__"),
-    ("execution.py", "__exit__"), ("kinds.py", "validate"),
+# Where ``execute`` goes: the project's own steps (matched by name in any module of
+# ``orchestrator/`` or ``workers/``, which move between files) and a few library functions
+# (matched by file and name). Those missing in this version are simply absent from the report.
+OWN_STEPS = {"execute", "_run_claims", "_finish", "claim", "claim_many", "finish",
+             "finish_many", "signal_done", "record_service", "call_kind", "validate",
+             "__enter__", "__exit__"}
+LIBRARY_STEPS = {
     ("base.py", "_do_ping_w_event"), ("coercions.py", "expect"),
     ("cache_key.py", "_generate_cache_key"), ("base.py", "_execute_context"),
     ("connection.py", "wait"), ("threading.py", "start"), ("threading.py", "join"),
 }
+
+
+def _watched(path: str, name: str) -> bool:
+    if "/orchestrator/" in path or "/workers/" in path:
+        return name in OWN_STEPS
+    return (path.rsplit("/", 1)[-1], name) in LIBRARY_STEPS
 
 
 def _profile(services: Services, n: int, top: int = 12) -> dict[str, list[dict[str, Any]]]:
@@ -169,13 +188,14 @@ def _profile(services: Services, n: int, top: int = 12) -> dict[str, list[dict[s
 
     def row(key: tuple[str, int, str], value: tuple[Any, ...]) -> dict[str, Any]:
         path, line, name = key
-        return {"function": f"{path.rsplit('/', 1)[-1]}:{line}({name})",
+        short = next((path[path.index(d) + 1:] for d in ("/orchestrator/", "/workers/")
+                      if d in path), path.rsplit("/", 1)[-1])
+        return {"function": f"{short}:{line}({name})",
                 "calls_per_job": round(value[1] / n, 2),
                 "own_us_per_job": round(1e6 * value[2] / n, 1),
                 "cum_us_per_job": round(1e6 * value[3] / n, 1)}
 
-    watched = [row(k, v) for k, v in entries
-               if (k[0].rsplit("/", 1)[-1], k[2]) in WATCHED]
+    watched = [row(k, v) for k, v in entries if _watched(k[0], k[2])]
     return {
         "watched_by_cumulative": sorted(watched, key=lambda r: -r["cum_us_per_job"]),
         "top_by_own_time": [row(k, v) for k, v in
