@@ -7,7 +7,6 @@ scorer pair lives at ``<model_dir>/<name>/model-small.onnx`` and ``model-large.o
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ import numpy as np
 
 from orchestrator.errors import ConfigurationError, PermanentError
 from workers.models._session import metadata, open_session
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SCORING_MODEL = "scoring-synthetic"
 PROBABILITIES = "probabilities"
