@@ -24,7 +24,9 @@ from orchestrator.db.engine import make_engine
 from orchestrator.db.migrate import upgrade
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.local import LocalWorker
+from orchestrator.services import Services
 from orchestrator.settings import Settings
+from workers.runtime import Runtime
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -163,6 +165,14 @@ def client(settings: Settings) -> Iterator[Client]:
 
 
 WorkerProcess = LocalWorker
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """The worker runtime in this process, for driving executions step by step."""
+    rt = Runtime(Services.open(settings), worker="test-worker")
+    yield rt
+    rt.close()
 
 
 @pytest.fixture

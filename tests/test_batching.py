@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -11,17 +11,8 @@ from sqlalchemy import event
 
 from orchestrator import Client, JobFailed
 from orchestrator.batching import buffer_key
-from orchestrator.services import Services
-from orchestrator.settings import Settings
 from tests.conftest import WorkerProcess
 from workers.runtime import Runtime
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
-    rt = Runtime(Services.open(settings), worker="batch-test")
-    yield rt
-    rt.close()
 
 
 def _drain(runtime: Runtime, n: int = 50) -> None:

@@ -13,17 +13,8 @@ from sqlalchemy import func, select
 
 from orchestrator import Client, InvalidOption, InvalidPayload
 from orchestrator.db.models import jobs
-from orchestrator.services import Services
-from orchestrator.settings import Settings
 from tests.conftest import WorkerProcess
 from workers.runtime import Runtime
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
-    rt = Runtime(Services.open(settings), worker="bulk-test")
-    yield rt
-    rt.close()
 
 
 def _stream(n: int, consumed: list[int]) -> Iterator[str]:

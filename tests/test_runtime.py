@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,16 +10,8 @@ import redis
 
 from orchestrator import Client
 from orchestrator.db.store import utcnow
-from orchestrator.services import Services
 from orchestrator.settings import Settings
 from workers.runtime import Runtime, backoff_delay
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
-    rt = Runtime(Services.open(settings), worker="test-worker")
-    yield rt
-    rt.close()
 
 
 def test_a_job_runs_once_and_records_its_attempt_and_costs(
