@@ -24,7 +24,7 @@ from rich.table import Table
 from orchestrator.client import Client, JobHandle
 from orchestrator.db.models import JobState
 from orchestrator.db.store import JobView
-from orchestrator.errors import InvalidPayload
+from orchestrator.errors import InvalidPayload, Overloaded
 from orchestrator.local import LocalWorker
 from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
@@ -159,6 +159,18 @@ def run_demo(settings: Settings | None = None, *, console: Console | None = None
     return 0 if ok else 1
 
 
+def _submit(client: Client, item: Planned, attempts: int = 50) -> JobHandle:
+    """Submit as a well-behaved caller does: when shed, wait ``retry_after`` and try again."""
+    for _ in range(attempts - 1):
+        try:
+            return client.submit(item.kind, item.payload, tier=item.tier, tenant=item.tenant,
+                                 idempotency_key=item.key)
+        except Overloaded as e:
+            time.sleep(e.retry_after)
+    return client.submit(item.kind, item.payload, tier=item.tier, tenant=item.tenant,
+                         idempotency_key=item.key)
+
+
 def _submit_and_follow(client: Client, rng: random.Random, console: Console,
                        model: str | None) -> tuple[list[JobHandle], bool, bool]:
     run = uuid.uuid4().hex[:8]
@@ -180,8 +192,7 @@ def _submit_and_follow(client: Client, rng: random.Random, console: Console,
             progress.update(finished, completed=sum(v.terminal for v in views.values()))
 
         for item in backlog:
-            handles.append(client.submit(item.kind, item.payload, tier=item.tier,
-                                         tenant=item.tenant, idempotency_key=item.key))
+            handles.append(_submit(client, item))
             progress.advance(submitted)
         if model is not None:
             # A bulk scoring job: 6,000 rows streamed into chunks that run offline.
@@ -192,15 +203,13 @@ def _submit_and_follow(client: Client, rng: random.Random, console: Console,
                 progress.update(task, total=(progress.tasks[task].total or 0) + 1)
             progress.advance(submitted)
         for n, item in enumerate(stream):
-            handles.append(client.submit(item.kind, item.payload, tier=item.tier,
-                                         tenant=item.tenant, idempotency_key=item.key))
+            handles.append(_submit(client, item))
             progress.advance(submitted)
             time.sleep(rng.expovariate(40.0))  # about 40 arrivals a second
             if n % 10 == 0:
                 refresh()
         # Idempotency: resubmitting the same keys returns the same jobs, nothing new runs.
-        again = [client.submit(item.kind, item.payload, tier=item.tier, tenant=item.tenant,
-                               idempotency_key=item.key) for item in backlog[:5]]
+        again = [_submit(client, item) for item in backlog[:5]]
         duplicates_ok = [h.id for h in again] == [h.id for h in handles[:5]] and not any(
             h.created for h in again)
         # Bad input is refused at the edge, with a typed error and nothing stored.
