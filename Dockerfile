@@ -19,7 +19,9 @@ RUN pip install ".[postgres]" \
     && if pip show torch >/dev/null 2>&1; then echo "torch must not be in this image" >&2; exit 1; fi \
     && cd / && rm -rf /src
 
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin orchestrator
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin orchestrator \
+    && mkdir -p /var/lib/orchestrator/models \
+    && chown -R orchestrator /var/lib/orchestrator
 USER orchestrator
 WORKDIR /home/orchestrator
 
