@@ -110,6 +110,29 @@ class Tenant(Base):
     monthly_budget: Mapped[Decimal | None] = mapped_column(Numeric(18, 8))
 
 
+class Window(Base):
+    """A named off-peak window: when it is open, which work it admits, and what compute costs.
+
+    Recurring windows have ``cron`` (evaluated in ``timezone``) and ``duration_s``; a one-off
+    window has ``starts_at`` and ``ends_at`` instead. ``tiers``/``kinds`` NULL admit all.
+    """
+
+    __tablename__ = "windows"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cron: Mapped[str | None] = mapped_column(String(128))
+    duration_s: Mapped[int | None] = mapped_column(Integer)
+    starts_at: Mapped[datetime | None]
+    ends_at: Mapped[datetime | None]
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    tiers: Mapped[list[str] | None] = mapped_column(JSON)
+    kinds: Mapped[list[str] | None] = mapped_column(JSON)
+    #: most of this window's jobs running at once (NULL: no cap)
+    slots: Mapped[int | None] = mapped_column(Integer)
+    price_multiplier: Mapped[Decimal] = mapped_column(Numeric(10, 4), default=Decimal("1"))
+    created_at: Mapped[datetime]
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -120,6 +143,7 @@ class Job(Base):
         Index("ix_jobs_parent_id", "parent_id"),
         # Counts a tenant's in-flight submissions per tier from the index alone.
         Index("ix_jobs_tenant_tier_state", "tenant", "tier", "state", "parent_id"),
+        Index("ix_jobs_state_window", "state", "window"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -153,6 +177,8 @@ class Job(Base):
     wall_seconds: Mapped[float] = mapped_column(default=0.0)
     items: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[Decimal | None] = mapped_column(Numeric(18, 8))
+    #: the window this job waits for (state ``deferred``) or runs in; NULL: no window
+    window: Mapped[str | None] = mapped_column(String(64))
 
 
 class Attempt(Base):
@@ -169,8 +195,12 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     cpu_seconds: Mapped[float | None]
     wall_seconds: Mapped[float | None]
+    #: the window this attempt ran inside and its price multiplier then (NULL: peak price)
+    window: Mapped[str | None] = mapped_column(String(64))
+    price_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
 
 
 jobs = cast(Table, Job.__table__)
 attempts = cast(Table, Attempt.__table__)
 tenants = cast(Table, Tenant.__table__)
+windows = cast(Table, Window.__table__)
