@@ -117,6 +117,8 @@ class KindSpec:
     module: str = field(default="")
     batch: BatchPolicy | None = None
     setup: Callable[[Any], Any] | None = None
+    #: the off-peak window this kind's jobs wait for unless a submit names another (or none)
+    window: str | None = None
 
     def batch_key(self, model: BaseModel) -> str:
         """The coalescing key of a validated payload ("-" when the kind has none)."""
@@ -162,13 +164,15 @@ class KindRegistry:
         backoff_max_s: float | None = None,
         batch: BatchPolicy | None = None,
         setup: Callable[[Any], Any] | None = None,
+        window: str | None = None,
     ) -> Callable[[KindFn], KindFn]:
         """Declare a job kind.
 
         A plain kind is ``fn(payload, ctx) -> result``. A batch kind (``batch=BatchPolicy()``)
         is ``fn(payloads, ctx) -> results``: one result per payload, in order; an item may be
         an exception instance to fail that job alone. ``setup(settings)`` runs once per worker
-        process (models, sessions) and its value is ``ctx.resources``.
+        process (models, sessions) and its value is ``ctx.resources``. ``window`` names the
+        off-peak window the kind's jobs wait for by default.
 
         Raises:
             ConfigurationError: the name is taken, the tier is unknown or the schema is not a
@@ -190,7 +194,7 @@ class KindRegistry:
             spec = KindSpec(
                 name=name, fn=fn, schema=schema, tier=tier, retry=retry,
                 description=(fn.__doc__ or "").strip().split("\n")[0], module=fn.__module__,
-                batch=batch, setup=setup,
+                batch=batch, setup=setup, window=window,
             )
             with self._lock:
                 existing = self._kinds.get(name)
