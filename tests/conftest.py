@@ -108,7 +108,7 @@ def _empty_tables(url: str) -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            for table in ("attempts", "jobs", "tenants"):
+            for table in ("attempts", "jobs", "tenants", "windows"):
                 conn.execute(text(f"DELETE FROM {table}"))
     finally:
         engine.dispose()
