@@ -8,8 +8,10 @@ no ``ORCH_DATABASE_URL`` the database is a SQLite file under the state dir, and 
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -47,6 +49,9 @@ class Settings(BaseModel):
     embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
     fair_window: int = Field(default=4, ge=1, le=10_000)
     preemption: bool = True
+    #: The deployment's TOML file (``[windows.NAME]``, ``[prices]``); ``ORCH_CONFIG``, else
+    #: ``orchestrator.toml`` in the state dir when it exists.
+    config_file: Path | None = None
 
     @model_validator(mode="after")
     def _tier_steps_in_order(self) -> Settings:
@@ -89,7 +94,7 @@ class Settings(BaseModel):
             "ORCH_MODEL_DIR", "ORCH_VISIBILITY_TIMEOUT_S", "ORCH_UNACKED_RESTORE_S",
             "ORCH_HARD_LIMIT_GRACE_S",
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
-            "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION",
+            "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION", "ORCH_CONFIG",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -109,6 +114,10 @@ class Settings(BaseModel):
             "state_dir": state_dir,
             "model_dir": Path(env.get("ORCH_MODEL_DIR") or state_dir / "models").expanduser(),
         }
+        if env.get("ORCH_CONFIG"):
+            raw["config_file"] = Path(env["ORCH_CONFIG"]).expanduser()
+        elif (state_dir / "orchestrator.toml").is_file():
+            raw["config_file"] = state_dir / "orchestrator.toml"
         for key, var in (
             ("visibility_timeout_s", "ORCH_VISIBILITY_TIMEOUT_S"),
             ("unacked_restore_s", "ORCH_UNACKED_RESTORE_S"),
@@ -165,6 +174,22 @@ class Settings(BaseModel):
         """Modules that declare job kinds: the built-ins, then ``ORCH_IMPORTS``."""
         return tuple(dict.fromkeys((*BUILTIN_IMPORTS, *self.imports)))
 
+    def config(self) -> dict[str, Any]:
+        """The parsed config file (empty without one); each section is validated by its owner.
+
+        Raises:
+            ConfigurationError: the file is missing or is not valid TOML.
+        """
+        if self.config_file is None:
+            return {}
+        try:
+            with open(self.config_file, "rb") as f:
+                return tomllib.load(f)
+        except OSError as e:
+            raise ConfigurationError(f"cannot read config file {self.config_file}: {e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"config file {self.config_file} is not TOML: {e}") from e
+
     def policy(self, tier: Tier) -> TierPolicy:
         return self.tiers[tier]
 
@@ -189,6 +214,8 @@ class Settings(BaseModel):
             env["ORCH_BROKER_URL"] = self.broker_url
         if self.imports:
             env["ORCH_IMPORTS"] = ",".join(self.imports)
+        if self.config_file is not None:
+            env["ORCH_CONFIG"] = str(self.config_file)
         for tier, policy in self.tiers.items():
             default = DEFAULT_POLICIES[tier]
             for field, value in policy.model_dump().items():

@@ -99,3 +99,18 @@ def test_a_broker_that_is_not_redis_is_refused(tmp_path: Path) -> None:
     s = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path), "ORCH_BROKER_URL": "amqp://h//"})
     with pytest.raises(ConfigurationError, match="must be Redis"):
         s.redis_url()
+
+
+def test_config_file_from_env_and_state_dir(tmp_path: Path) -> None:
+    assert Settings.from_env({"ORCH_STATE_DIR": str(tmp_path)}).config() == {}
+    (tmp_path / "orchestrator.toml").write_text('[windows.nightly]\ncron = "0 1 * * *"\n')
+    settings = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path)})
+    assert settings.config()["windows"]["nightly"]["cron"] == "0 1 * * *"
+    assert Settings.from_env(settings.to_env()).config_file == tmp_path / "orchestrator.toml"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[windows\n")
+    with pytest.raises(ConfigurationError, match="not TOML"):
+        Settings.from_env({"ORCH_STATE_DIR": str(tmp_path), "ORCH_CONFIG": str(bad)}).config()
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        Settings.from_env({"ORCH_STATE_DIR": str(tmp_path),
+                           "ORCH_CONFIG": str(tmp_path / "missing.toml")}).config()
