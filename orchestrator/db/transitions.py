@@ -15,21 +15,25 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Engine,
     and_,
     bindparam,
     case,
+    column,
     func,
     insert,
-    literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
 
 from orchestrator.db.models import JobState, Outcome, UTCDateTime, attempts, jobs, utcnow
 from orchestrator.tiers import Tier
+
+LEASE_LOST = "lease expired: worker lost"
 
 
 @dataclass(frozen=True)
@@ -103,56 +107,34 @@ class Transitions:
                    now: datetime | None = None) -> list[Claim]:
         """Move queued jobs (or running ones whose lease expired) to running, attempt + 1.
 
-        One UPDATE for all of them and one INSERT of their attempt rows. ``lease_s`` maps each
-        tier to its lease length. Jobs not claimable (finished, cancelled, deferred, or held by
-        a live lease) are left out of the result, which keeps the order of ``job_ids``.
+        One UPDATE for all of them and one INSERT of their attempt rows (on PostgreSQL both in
+        one statement, so one round trip). ``lease_s`` maps each tier to its lease length. Jobs
+        not claimable (finished, cancelled, deferred, or held by a live lease) are left out of
+        the result, which keeps the order of ``job_ids``.
         """
         if not job_ids:
             return []
         now = now or utcnow()
-        lease = case(
-            {tier: literal(now + timedelta(seconds=s), UTCDateTime())
-             for tier, s in lease_s.items()},
-            value=jobs.c.tier,
-            else_=literal(now + timedelta(seconds=max(lease_s.values())), UTCDateTime()),
-        )
-        claimable = or_(
-            jobs.c.state == JobState.QUEUED,
-            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now),
-        )
-        with self.engine.begin() as conn:
-            rows = conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.id.in_(list(job_ids)), claimable,
-                            jobs.c.attempts - jobs.c.preemptions < jobs.c.max_attempts))
-                .values(
-                    state=JobState.RUNNING, attempts=jobs.c.attempts + 1, lease_expires_at=lease,
-                    started_at=func.coalesce(jobs.c.started_at, now),
-                )
-                .returning(
-                    jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload,
-                    jobs.c.attempts, jobs.c.max_attempts, jobs.c.queued_at,
-                    jobs.c.lease_expires_at, jobs.c.deadline, jobs.c.parent_id,
-                    jobs.c.items_done, jobs.c.preemptions,
-                )
-            ).all()
-            if not rows:
-                return []
-            again = [row.id for row in rows if row.attempts > 1]
-            lost: set[str] = set()
-            if again:
-                lost = set(conn.execute(
-                    update(attempts)
-                    .where(and_(attempts.c.job_id.in_(again),
-                                attempts.c.outcome == Outcome.RUNNING))
-                    .values(outcome=Outcome.LOST, finished_at=now,
-                            error="lease expired: worker lost")
-                    .returning(attempts.c.job_id)
-                ).scalars())
-            conn.execute(insert(attempts), [
-                {"job_id": row.id, "number": row.attempts, "worker": worker, "started_at": now,
-                 "outcome": Outcome.RUNNING} for row in rows
-            ])
+        params: dict[str, Any] = {"c_ids": list(job_ids), "c_now": now, "c_worker": worker}
+        for tier in Tier:
+            params[f"c_lease_{tier.value}"] = now + timedelta(
+                seconds=lease_s.get(tier, max(lease_s.values())))
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as conn:  # one statement: autocommit is atomic
+                rows = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                    _CLAIM_PG, {**params, "c_ids": params["c_ids"]}).all()
+            lost = {row.id for row in rows if row.took_over}
+        else:
+            with self.engine.begin() as conn:
+                rows = conn.execute(_CLAIM, params).all()
+                if not rows:
+                    return []
+                again = [row.id for row in rows if row.attempts > 1]
+                lost = set(conn.execute(_LOSE_ATTEMPTS, {"l_ids": again, "l_now": now})
+                           .scalars()) if again else set()
+                conn.execute(_NEW_ATTEMPT, [
+                    {"a_job": row.id, "a_number": row.attempts, "a_worker": worker,
+                     "a_now": now} for row in rows])
         by_id = {
             row.id: Claim(
                 job_id=row.id, kind=row.kind, tenant=row.tenant, tier=row.tier,
@@ -168,14 +150,14 @@ class Transitions:
     def renew_leases(self, claims: Sequence[Claim], lease_s: float, *,
                      now: datetime | None = None) -> set[str]:
         """Extend held leases; return the ids still owned by these attempts."""
-        now = now or utcnow()
+        if not claims:
+            return set()
+        until = (now or utcnow()) + timedelta(seconds=lease_s)
         owned: set[str] = set()
         with self.engine.begin() as conn:
             for claim in claims:
-                if conn.execute(
-                    update(jobs).where(_owns(claim))
-                    .values(lease_expires_at=now + timedelta(seconds=lease_s))
-                ).rowcount == 1:
+                if conn.execute(_RENEW, {"r_id": claim.job_id, "r_attempt": claim.attempt,
+                                         "r_until": until}).rowcount == 1:
                     owned.add(claim.job_id)
         return owned
 
@@ -194,18 +176,20 @@ class Transitions:
         executemany, and close every attempt row. An attempt that no longer owns its job (it
         was cancelled, or taken over after its lease expired) changes nothing about the job and
         is recorded as cancelled or lost. Returns the ids of the jobs that were updated.
+
+        On PostgreSQL, one plain job that ended (the common case) is finished with a single
+        statement instead: the conditional UPDATE of the job and the attempt's close together.
         """
         if not done:
             return set()
         now = now or utcnow()
+        if (len(done) == 1 and self.engine.dialect.name == "postgresql"
+                and done[0].claim.parent_id is None and done[0].state != JobState.QUEUED):
+            return self._finish_one_pg(done[0], now)
         ids = [d.claim.job_id for d in done]
+        lock = _LOCK_PG if self.engine.dialect.name == "postgresql" else _LOCK
         with self.engine.begin() as conn:
-            current = {
-                row.id: row for row in conn.execute(
-                    _for_update(select(jobs.c.id, jobs.c.state, jobs.c.attempts)
-                                .where(jobs.c.id.in_(ids)), conn)
-                )
-            }
+            current = {row.id: row for row in conn.execute(lock, {"k_ids": ids})}
             owned = [d for d in done if _still_owns(current.get(d.claim.job_id), d.claim)]
             for stmt, params in _finish_statements(owned, now):
                 conn.execute(stmt, params)
@@ -213,23 +197,22 @@ class Transitions:
             if parents:
                 _advance_parents(conn, parents, now)
             owned_ids = {d.claim.job_id for d in owned}
-            conn.execute(
-                update(attempts).where(and_(
-                    attempts.c.job_id == bindparam("a_job"),
-                    attempts.c.number == bindparam("a_number"),
-                )).values(
-                    outcome=bindparam("a_outcome"), finished_at=now, error=bindparam("a_error"),
-                    cpu_seconds=bindparam("a_cpu"), wall_seconds=bindparam("a_wall"),
-                ),
-                [
-                    {"a_job": d.claim.job_id, "a_number": d.claim.attempt,
-                     "a_outcome": d.outcome if d.claim.job_id in owned_ids
-                     else _displaced(current.get(d.claim.job_id)),
-                     "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds}
-                    for d in done
-                ],
-            )
+            conn.execute(_CLOSE_ATTEMPT, [
+                {"a_job": d.claim.job_id, "a_number": d.claim.attempt, "a_now": now,
+                 "a_outcome": d.outcome if d.claim.job_id in owned_ids
+                 else _displaced(current.get(d.claim.job_id)),
+                 "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds}
+                for d in done
+            ])
         return owned_ids
+
+    def _finish_one_pg(self, d: Finish, now: datetime) -> set[str]:
+        params = {**_finish_params(d), **_ended_params(d), "f_now": now,
+                  "f_outcome": d.outcome}
+        with self.engine.connect() as conn:  # one statement: autocommit is atomic
+            owned = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                _FINISH_ONE_PG, params).scalar_one_or_none()
+        return {d.claim.job_id} if owned else set()
 
     def mark_dead_if_exhausted(self, job_id: str, *, now: datetime | None = None) -> bool:
         """A running job whose lease expired with no attempts left is dead (its worker was lost)."""
@@ -250,24 +233,165 @@ class Transitions:
                     update(attempts)
                     .where(and_(attempts.c.job_id == job_id,
                                 attempts.c.outcome == Outcome.RUNNING))
-                    .values(outcome=Outcome.LOST, finished_at=now,
-                            error="lease expired: worker lost")
+                    .values(outcome=Outcome.LOST, finished_at=now, error=LEASE_LOST)
                 )
         return done
 
 
-def _owns(claim: Claim) -> Any:
-    return and_(
-        jobs.c.id == claim.job_id,
-        jobs.c.state == JobState.RUNNING,
-        jobs.c.attempts == claim.attempt,
+# --- statements, built once --------------------------------------------------------------------
+# Built at import with bindparam() rather than per call: SQLAlchemy then skips statement
+# construction, coercion and cache-key generation on the hot path (about half the client CPU
+# of a claim + finish, bench/store_variants.py).
+
+_T = UTCDateTime()
+
+
+def _p(name: str) -> Any:
+    return bindparam(name, type_=_T)
+
+
+_CLAIM = (
+    update(jobs)
+    .where(and_(
+        jobs.c.id.in_(bindparam("c_ids", expanding=True)),
+        or_(jobs.c.state == JobState.QUEUED,
+            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < _p("c_now"))),
+        jobs.c.attempts - jobs.c.preemptions < jobs.c.max_attempts,
+    ))
+    .values(
+        state=JobState.RUNNING, attempts=jobs.c.attempts + 1,
+        lease_expires_at=case({t.value: _p(f"c_lease_{t.value}") for t in Tier},
+                              value=jobs.c.tier, else_=_p("c_lease_offline")),
+        started_at=func.coalesce(jobs.c.started_at, _p("c_now")),
     )
-
-
-
-def _for_update(query: Any, conn: Connection) -> Any:
-    # SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL needs the row locks.
-    return query.with_for_update() if conn.dialect.name == "postgresql" else query
+    .returning(
+        jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload,
+        jobs.c.attempts, jobs.c.max_attempts, jobs.c.queued_at,
+        jobs.c.lease_expires_at, jobs.c.deadline, jobs.c.parent_id,
+        jobs.c.items_done, jobs.c.preemptions,
+    )
+)
+_LOSE_ATTEMPTS = (
+    update(attempts)
+    .where(and_(attempts.c.job_id.in_(bindparam("l_ids", expanding=True)),
+                attempts.c.outcome == Outcome.RUNNING))
+    .values(outcome=Outcome.LOST, finished_at=_p("l_now"), error=LEASE_LOST)
+    .returning(attempts.c.job_id)
+)
+_NEW_ATTEMPT = insert(attempts).values(
+    job_id=bindparam("a_job"), number=bindparam("a_number"), worker=bindparam("a_worker"),
+    started_at=_p("a_now"), outcome=Outcome.RUNNING,
+)
+# PostgreSQL: the claim, the lost attempts' close and the new attempts' insert in one statement.
+# The data-modifying CTEs share one snapshot, so "lost" never sees the attempt "fresh" inserts.
+_CLAIM_PG = text(f"""
+WITH claimed AS (
+  UPDATE jobs SET state = '{JobState.RUNNING}', attempts = attempts + 1,
+    lease_expires_at = CASE tier
+      {" ".join(f"WHEN '{t.value}' THEN :c_lease_{t.value}" for t in Tier)}
+      ELSE :c_lease_offline END,
+    started_at = coalesce(started_at, :c_now)
+  WHERE id = ANY(:c_ids) AND attempts - preemptions < max_attempts
+    AND (state = '{JobState.QUEUED}'
+         OR (state = '{JobState.RUNNING}' AND lease_expires_at < :c_now))
+  RETURNING id, kind, tenant, tier, payload, attempts, max_attempts, queued_at,
+    lease_expires_at, deadline, parent_id, items_done, preemptions
+), lost AS (
+  UPDATE attempts SET outcome = '{Outcome.LOST}', finished_at = :c_now, error = :c_lost
+  WHERE job_id IN (SELECT id FROM claimed WHERE attempts > 1)
+    AND outcome = '{Outcome.RUNNING}'
+  RETURNING job_id
+), fresh AS (
+  INSERT INTO attempts (job_id, number, worker, started_at, outcome)
+  SELECT id, attempts, :c_worker, :c_now, '{Outcome.RUNNING}' FROM claimed
+)
+SELECT claimed.*, claimed.id IN (SELECT job_id FROM lost) AS took_over FROM claimed
+""").bindparams(
+    bindparam("c_now", type_=_T), bindparam("c_lost", value=LEASE_LOST),
+    *(bindparam(f"c_lease_{t.value}", type_=_T) for t in Tier),
+).columns(
+    jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload, jobs.c.attempts,
+    jobs.c.max_attempts, jobs.c.queued_at, jobs.c.lease_expires_at, jobs.c.deadline,
+    jobs.c.parent_id, jobs.c.items_done, jobs.c.preemptions, column("took_over", Boolean),
+)
+_RENEW = (
+    update(jobs)
+    .where(and_(jobs.c.id == bindparam("r_id"), jobs.c.state == JobState.RUNNING,
+                jobs.c.attempts == bindparam("r_attempt")))
+    .values(lease_expires_at=_p("r_until"))
+)
+_LOCK_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.attempts)
+_LOCK = select(*_LOCK_COLUMNS).where(jobs.c.id.in_(bindparam("k_ids", expanding=True)))
+# SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL needs the row locks.
+_LOCK_PG = _LOCK.with_for_update()
+_CLOSE_ATTEMPT = (
+    update(attempts)
+    .where(and_(attempts.c.job_id == bindparam("a_job"),
+                attempts.c.number == bindparam("a_number")))
+    .values(outcome=bindparam("a_outcome"), finished_at=_p("a_now"), error=bindparam("a_error"),
+            cpu_seconds=bindparam("a_cpu"), wall_seconds=bindparam("a_wall"))
+)
+_OWNED = and_(jobs.c.id == bindparam("f_id"), jobs.c.state == JobState.RUNNING,
+              jobs.c.attempts == bindparam("f_attempt"))
+_SPENT = {
+    "lease_expires_at": None,
+    "error": bindparam("f_error"),
+    "cpu_seconds": jobs.c.cpu_seconds + bindparam("f_cpu"),
+    "wall_seconds": jobs.c.wall_seconds + bindparam("f_wall"),
+    "queue_seconds": func.coalesce(jobs.c.queue_seconds, 0.0) + bindparam("f_waited"),
+}
+_RETRY = update(jobs).where(_OWNED).values(
+    **_SPENT, state=JobState.QUEUED, queued_at=_p("f_requeue_at"))
+_PREEMPTED = update(jobs).where(_OWNED).values(
+    **_SPENT, state=JobState.QUEUED, queued_at=_p("f_now"),
+    preemptions=jobs.c.preemptions + 1, items_done=bindparam("f_checkpoint"))
+_ENDED = update(jobs).where(_OWNED).values(
+    **_SPENT, state=bindparam("f_state"), finished_at=_p("f_now"),
+    result=bindparam("f_result", type_=JSON), result_ref=bindparam("f_ref"),
+    items=bindparam("f_items"), batch_id=bindparam("f_batch"),
+    batch_size=bindparam("f_batch_size"), items_done=bindparam("f_done"),
+)
+# PostgreSQL, one plain job that ended: its UPDATE and its attempt's close in one statement.
+# "owned" and the job read in the CASE see the same snapshot: when "owned" is empty the row was
+# not changed by this statement, so its state tells whether it was cancelled or taken over.
+_FINISH_ONE_PG = text(f"""
+WITH owned AS (
+  UPDATE jobs SET state = :f_state, lease_expires_at = NULL, error = :f_error,
+    cpu_seconds = cpu_seconds + :f_cpu, wall_seconds = wall_seconds + :f_wall,
+    queue_seconds = coalesce(queue_seconds, 0) + :f_waited, finished_at = :f_now,
+    result = CAST(:f_result AS json), result_ref = :f_ref, items = :f_items, batch_id = :f_batch,
+    batch_size = :f_batch_size, items_done = :f_done
+  WHERE id = :f_id AND state = '{JobState.RUNNING}' AND attempts = :f_attempt
+  RETURNING id
+)
+UPDATE attempts SET
+  outcome = CASE WHEN EXISTS (SELECT 1 FROM owned) THEN :f_outcome
+    WHEN (SELECT state FROM jobs WHERE id = :f_id) = '{JobState.CANCELLED}'
+      THEN '{Outcome.CANCELLED}'
+    ELSE '{Outcome.LOST}' END,
+  finished_at = :f_now, error = :f_error, cpu_seconds = :f_cpu, wall_seconds = :f_wall
+WHERE job_id = :f_id AND number = :f_attempt
+RETURNING EXISTS (SELECT 1 FROM owned) AS owned
+""").bindparams(bindparam("f_now", type_=_T), bindparam("f_result", type_=JSON))
+_PARENT_PROGRESS = update(jobs).where(jobs.c.id == bindparam("p_id")).values(
+    items_done=jobs.c.items_done + bindparam("p_items"),
+    cpu_seconds=jobs.c.cpu_seconds + bindparam("p_cpu"),
+    wall_seconds=jobs.c.wall_seconds + bindparam("p_wall"),
+    items=jobs.c["items"] + bindparam("p_items"),
+)
+_PARENT_FAILED = (
+    update(jobs)
+    .where(and_(jobs.c.id == bindparam("p_id"), jobs.c.state.in_(JobState.ACTIVE)))
+    .values(state=JobState.FAILED, finished_at=_p("p_now"), error=bindparam("p_error"))
+)
+_PARENT_COMPLETE = (
+    update(jobs)
+    .where(and_(
+        jobs.c.id == bindparam("p_id"), jobs.c.state.in_(JobState.ACTIVE),
+        jobs.c.items_total.is_not(None), jobs.c.items_done >= jobs.c.items_total,
+    ))
+    .values(state=JobState.SUCCEEDED, finished_at=_p("p_now"))
+)
 
 
 def _still_owns(row: Any, claim: Claim) -> bool:
@@ -279,50 +403,35 @@ def _displaced(row: Any) -> str:
         else Outcome.LOST
 
 
+def _finish_params(d: Finish) -> dict[str, Any]:
+    waited = 0.0
+    if d.claim.queued_at is not None:
+        waited = max((d.claim.started_at - d.claim.queued_at).total_seconds(), 0.0)
+    return {"f_id": d.claim.job_id, "f_attempt": d.claim.attempt, "f_error": d.error,
+            "f_cpu": d.cpu_seconds, "f_wall": d.wall_seconds, "f_waited": waited}
+
+
+def _ended_params(d: Finish) -> dict[str, Any]:
+    return {"f_state": d.state, "f_result": d.result, "f_ref": d.result_ref,
+            "f_items": d.items, "f_batch": d.batch_id, "f_batch_size": d.batch_size,
+            "f_done": d.items if d.state == JobState.SUCCEEDED else d.claim.items_done}
+
+
 def _finish_statements(owned: Sequence[Finish], now: datetime) -> list[tuple[Any, list[Any]]]:
-    """One executemany for the retries and one for the jobs that ended."""
+    """One executemany for the retries, one for the preempted, one for the jobs that ended."""
     out: list[tuple[Any, list[Any]]] = []
-    base = {
-        "lease_expires_at": None,
-        "error": bindparam("f_error"),
-        "cpu_seconds": jobs.c.cpu_seconds + bindparam("f_cpu"),
-        "wall_seconds": jobs.c.wall_seconds + bindparam("f_wall"),
-        "queue_seconds": func.coalesce(jobs.c.queue_seconds, 0.0) + bindparam("f_waited"),
-    }
-    where = and_(jobs.c.id == bindparam("f_id"), jobs.c.state == JobState.RUNNING,
-                 jobs.c.attempts == bindparam("f_attempt"))
-
-    def params(d: Finish) -> dict[str, Any]:
-        waited = 0.0
-        if d.claim.queued_at is not None:
-            waited = max((d.claim.started_at - d.claim.queued_at).total_seconds(), 0.0)
-        return {"f_id": d.claim.job_id, "f_attempt": d.claim.attempt, "f_error": d.error,
-                "f_cpu": d.cpu_seconds, "f_wall": d.wall_seconds, "f_waited": waited}
-
     retries = [d for d in owned if d.state == JobState.QUEUED and d.outcome != Outcome.PREEMPTED]
     if retries:
-        stmt = update(jobs).where(where).values(
-            **base, state=JobState.QUEUED, queued_at=bindparam("f_requeue_at"))
-        out.append((stmt, [{**params(d), "f_requeue_at": d.requeue_at or now} for d in retries]))
+        out.append((_RETRY, [{**_finish_params(d), "f_requeue_at": d.requeue_at or now}
+                             for d in retries]))
     preempted = [d for d in owned if d.outcome == Outcome.PREEMPTED]
     if preempted:
-        stmt = update(jobs).where(where).values(
-            **base, state=JobState.QUEUED, queued_at=now, preemptions=jobs.c.preemptions + 1,
-            items_done=bindparam("f_checkpoint"))
-        out.append((stmt, [{**params(d), "f_checkpoint": d.checkpoint or 0} for d in preempted]))
+        out.append((_PREEMPTED, [{**_finish_params(d), "f_now": now,
+                                  "f_checkpoint": d.checkpoint or 0} for d in preempted]))
     ended = [d for d in owned if d.state != JobState.QUEUED]
     if ended:
-        stmt = update(jobs).where(where).values(
-            **base, state=bindparam("f_state"), finished_at=now,
-            result=bindparam("f_result", type_=JSON), result_ref=bindparam("f_ref"),
-            items=bindparam("f_items"), batch_id=bindparam("f_batch"),
-            batch_size=bindparam("f_batch_size"), items_done=bindparam("f_done"),
-        )
-        out.append((stmt, [{**params(d), "f_state": d.state, "f_result": d.result,
-                            "f_ref": d.result_ref, "f_items": d.items, "f_batch": d.batch_id,
-                            "f_batch_size": d.batch_size,
-                            "f_done": d.items if d.state == JobState.SUCCEEDED
-                            else d.claim.items_done} for d in ended]))
+        out.append((_ENDED, [{**_finish_params(d), **_ended_params(d), "f_now": now}
+                             for d in ended]))
     return out
 
 
@@ -348,30 +457,13 @@ def _advance_parents(conn: Connection, progress: dict[str, tuple[int, float, flo
                      now: datetime) -> None:
     """Count finished chunks into their bulk parent, exactly once (same transaction)."""
     for parent, (items, cpu, wall, failure) in progress.items():
-        conn.execute(
-            update(jobs).where(jobs.c.id == parent).values(
-                items_done=jobs.c.items_done + items,
-                cpu_seconds=jobs.c.cpu_seconds + cpu,
-                wall_seconds=jobs.c.wall_seconds + wall,
-                items=jobs.c["items"] + items,
-            )
-        )
+        conn.execute(_PARENT_PROGRESS, {"p_id": parent, "p_items": items, "p_cpu": cpu,
+                                        "p_wall": wall})
         if failure is not None:
-            conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.id == parent, jobs.c.state.in_(JobState.ACTIVE)))
-                .values(state=JobState.FAILED, finished_at=now, error=failure)
-            )
+            conn.execute(_PARENT_FAILED, {"p_id": parent, "p_now": now, "p_error": failure})
         complete_parent(conn, parent, now)
 
 
 def complete_parent(conn: Connection, parent: str, now: datetime) -> bool:
     """A bulk parent whose every item is done (and whose total is known) has succeeded."""
-    return conn.execute(
-        update(jobs)
-        .where(and_(
-            jobs.c.id == parent, jobs.c.state.in_(JobState.ACTIVE),
-            jobs.c.items_total.is_not(None), jobs.c.items_done >= jobs.c.items_total,
-        ))
-        .values(state=JobState.SUCCEEDED, finished_at=now)
-    ).rowcount == 1
+    return conn.execute(_PARENT_COMPLETE, {"p_id": parent, "p_now": now}).rowcount == 1
