@@ -114,3 +114,27 @@ def test_config_file_from_env_and_state_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="cannot read"):
         Settings.from_env({"ORCH_STATE_DIR": str(tmp_path),
                            "ORCH_CONFIG": str(tmp_path / "missing.toml")}).config()
+
+
+def test_a_pooled_postgres_connection_dropped_while_idle_is_replaced(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import psycopg
+    from sqlalchemy import text
+
+    from orchestrator.db import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_PING_S", 0.2)
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.5)
+        with engine.connect() as conn:  # no error: the idle connection was pinged and replaced
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+    finally:
+        engine.dispose()

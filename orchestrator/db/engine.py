@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import ConfigurationError
@@ -46,7 +48,35 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # writers wait on busy_timeout instead of failing to upgrade a read lock.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, **kwargs)
+    event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
+    event.listen(engine, "checkin", _note_checkin)
+    return engine
+
+
+#: A pooled connection idle longer than this is pinged before use (a dropped connection is then
+#: replaced instead of failing the caller's statement); busier ones are not, which saves a round
+#: trip per checkout on the hot path, where ``pool_pre_ping`` would ping every time.
+IDLE_PING_S = 5.0
+
+
+def _note_checkin(_dbapi_conn: Any, record: Any) -> None:
+    record.info["checked_in"] = time.monotonic()
+
+
+def _ping_if_idle(dialect: Any, dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    checked_in = record.info.get("checked_in")
+    if checked_in is None or time.monotonic() - checked_in < IDLE_PING_S:
+        return  # fresh from connect(), or in use a moment ago
+    try:
+        alive = dialect.do_ping(dbapi_conn)
+    except Exception as e:
+        alive = False
+        cause: Exception | None = e
+    else:
+        cause = None
+    if not alive:  # the pool retries the checkout with a fresh connection
+        raise DisconnectionError(f"stale pooled connection: {cause}") from cause
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
