@@ -108,19 +108,23 @@ class TierLoad:
         return max(jobs, 0) * self.service_s / self.slots
 
 
-def record_service(client: redis.Redis, tier: Tier | str, wall_seconds: float, jobs: int
-                   ) -> None:
+def record_service(client: redis.Redis, tier: Tier | str, wall_seconds: float, jobs: int,
+                   *, pipe: redis.client.Pipeline | None = None) -> None:
     """Fold one finished batch (or job) into the tier's seconds-per-job EWMA.
 
-    Called by the worker runtime once per batch, not per job. Best effort: a Redis error is
-    logged and dropped, since a worker must not fail jobs over a statistic.
+    Called by the worker runtime once per batch, not per job; with ``pipe`` the update is only
+    queued on that pipeline (the caller sends it with its other commands). Best effort: a Redis
+    error is logged and dropped, since a worker must not fail jobs over a statistic.
     """
     if jobs <= 0 or wall_seconds < 0 or not math.isfinite(wall_seconds):
         return
     weight = 1.0 - (1.0 - EWMA_ALPHA) ** jobs
+    args = (Tier(tier).value, repr(wall_seconds / jobs), repr(weight))
+    if pipe is not None:  # EVAL, not EVALSHA: a pipeline with scripts adds a SCRIPT EXISTS trip
+        pipe.eval(_RECORD, 1, SERVICE_KEY, *args)
+        return
     try:
-        client.register_script(_RECORD)(
-            keys=[SERVICE_KEY], args=[Tier(tier).value, repr(wall_seconds / jobs), repr(weight)])
+        client.eval(_RECORD, 1, SERVICE_KEY, *args)
     except redis.RedisError:
         log.warning("could not record the %s tier's service time", tier, exc_info=True)
 

@@ -11,6 +11,7 @@ import redis
 from orchestrator import Client
 from orchestrator.db.store import utcnow
 from orchestrator.settings import Settings
+from orchestrator.tiers import Tier
 from workers.runtime import Runtime, backoff_delay
 
 
@@ -165,3 +166,23 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
         assert all(step / 2 <= d <= step for d in ds)
         assert len({round(d, 6) for d in ds}) > 100  # jittered, not constant
     assert max(delays[-1]) <= 30.0
+
+
+def test_a_job_longer_than_its_lease_keeps_it_renewed(
+    client: Client, runtime: Runtime, settings: Settings, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    lease = settings.policy(Tier.NEARLINE).lease_s  # 3 s in the tests
+    handle = client.submit("record", {"path": str(tmp_path / "out"), "label": "long",
+                                      "sleep_s": lease + 1.5})
+    states: list[str | None] = []
+    thread = threading.Thread(target=lambda: states.append(runtime.execute(handle.id)))
+    thread.start()
+    time.sleep(lease + 0.5)  # past the first lease: only renewal keeps another claim out
+    leases = {t: p.lease_s for t, p in settings.tiers.items()}
+    assert runtime.services.store.claim(handle.id, "intruder", leases) is None
+    thread.join(timeout=30)
+    assert states == ["succeeded"]
+    assert [a.worker for a in client.attempts(handle.id)] == ["test-worker"]

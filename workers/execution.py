@@ -7,7 +7,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,32 +43,63 @@ class Outcomes:
         self.items.append((claim, None, error, cpu, wall))
 
 
-class Heartbeat:
-    """Renews the leases of running claims every third of the lease."""
+class LeaseKeeper:
+    """One thread per process renews the leases of every claim the process is running.
 
-    def __init__(self, store: JobStore, claims: Sequence[Claim], lease_s: float) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(store, list(claims), lease_s),
-                                        daemon=True, name="lease-heartbeat")
+    A claim is held from ``holding()`` until its block exits; its lease is renewed every third
+    of its length. One long-lived thread instead of one per execution keeps thread start and
+    join off the path of every short job.
+    """
 
-    def _run(self, store: JobStore, claims: list[Claim], lease_s: float) -> None:
-        while not self._stop.wait(lease_s / 3):
-            try:
-                owned = store.renew_leases(claims, lease_s)
-            except Exception:
-                log.warning("lease renewal failed for %d job(s)", len(claims), exc_info=True)
-                continue
-            claims = [c for c in claims if c.job_id in owned]
-            if not claims:
-                return
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._held: dict[int, tuple[list[Claim], float, float]] = {}  # token -> claims, lease, due
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._next = 0
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
+    @contextmanager
+    def holding(self, claims: Sequence[Claim], lease_s: float) -> Iterator[None]:
+        with self._wake:
+            token = self._next
+            self._next += 1
+            self._held[token] = (list(claims), lease_s, time.monotonic() + lease_s / 3)
+            if self._thread is None or not self._thread.is_alive():  # first use, or forked
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="lease-keeper")
+                self._thread.start()
+            self._wake.notify()
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._held.pop(token, None)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due = [(t, c, s) for t, (c, s, at) in self._held.items() if at <= now]
+                if not due:
+                    nearest = min((at for _, _, at in self._held.values()), default=now + 60)
+                    self._wake.wait(max(nearest - now, 0.01))
+                    continue
+                for token, claims, lease_s in due:
+                    self._held[token] = (claims, lease_s, now + lease_s / 3)
+            for token, claims, lease_s in due:
+                try:
+                    owned = self._store.renew_leases(claims, lease_s)
+                except Exception:
+                    log.warning("lease renewal failed for %d job(s)", len(claims), exc_info=True)
+                    continue
+                with self._wake:
+                    held = self._held.get(token)
+                    if held is not None:
+                        kept = [c for c in held[0] if c.job_id in owned]
+                        if kept:
+                            self._held[token] = (kept, held[1], held[2])
+                        else:
+                            self._held.pop(token)
 
 
 def context(spec: KindSpec, claims: Sequence[Claim], worker: str, resources: Any

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -32,7 +32,7 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
 from workers.chunks import run_chunk
-from workers.execution import Heartbeat, Outcomes, call_kind, context
+from workers.execution import LeaseKeeper, Outcomes, call_kind, context
 from workers.preemption import HigherTierCheck
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Runtime:
         self.resources: dict[str, Any] = {}
         self._rng = random.Random()
         self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
+        self.leases = LeaseKeeper(services.store)
 
     def setup_kinds(self) -> None:
         """Make each kind's process resources (model sessions, tokenizers) once."""
@@ -126,7 +127,7 @@ class Runtime:
             runnable.append((claim, model))
         if runnable and spec is not None:
             policy = self.settings.policy(Tier(runnable[0][0].tier))
-            with Heartbeat(self.services.store, [c for c, _ in runnable], policy.lease_s):
+            with self.leases.holding([c for c, _ in runnable], policy.lease_s):
                 chunks = [(c, m) for c, m in runnable if self._is_chunk(spec, c)]
                 for claim, model in chunks:
                     run_chunk(spec, claim, model,
@@ -154,10 +155,13 @@ class Runtime:
         """Record every outcome in one transaction, then act on what was recorded."""
         finishes = [self._to_finish(outcomes, *item) for item in outcomes.items]
         owned = self.services.store.finish_many(finishes)
+        record: Callable[[Any], None] | None = None
         if finishes:  # slot seconds per job, claim to finish: admission control's estimate
             started = min(f.claim.started_at for f in finishes)
-            record_service(self.services.redis, finishes[0].claim.tier,
-                           (utcnow() - started).total_seconds(), len(finishes))
+            seconds, tier = (utcnow() - started).total_seconds(), finishes[0].claim.tier
+
+            def record(pipe: Any) -> None:
+                record_service(self.services.redis, tier, seconds, len(finishes), pipe=pipe)
         states: dict[str, str | None] = {}
         ended: list[tuple[str, str]] = []
         for finish in finishes:
@@ -170,7 +174,7 @@ class Runtime:
                 log.info("job %s: attempt %d no longer owns the job; its outcome is discarded",
                          job_id, finish.claim.attempt)
                 states[job_id] = None
-        self.services.signal_many(ended)
+        self.services.signal_many(ended, also=record)
         return states
 
     def _to_finish(self, outcomes: Outcomes, claim: Claim, result: Any,
