@@ -39,7 +39,7 @@ import redis
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import Engine, and_, bindparam, func, select, update
 
 from orchestrator.db.models import JobState, jobs, tenants
 from orchestrator.db.store import _insert_ignore, utcnow
@@ -113,6 +113,9 @@ _TENANT_COLUMNS = (tenants.c.name, tenants.c.weight, tenants.c.max_inflight,
                    tenants.c.rate_per_s, tenants.c.burst, tenants.c.monthly_budget)
 
 
+_GET_TENANT = select(*_TENANT_COLUMNS).where(tenants.c.name == bindparam("name"))
+
+
 def _in_flight(tenant: str, tier: str) -> Any:
     return and_(jobs.c.tenant == tenant, jobs.c.tier == tier,
                 jobs.c.state.in_(JobState.ACTIVE), jobs.c.parent_id.is_(None))
@@ -126,7 +129,7 @@ class TenantStore:
 
     def get(self, name: str) -> TenantQuotas | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(*_TENANT_COLUMNS).where(tenants.c.name == name)).first()
+            row = conn.execute(_GET_TENANT, {"name": name}).first()
         return _row_to_quotas(row) if row else None
 
     def all(self) -> list[TenantQuotas]:
