@@ -8,6 +8,7 @@ finished with one transaction.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -177,15 +178,16 @@ class Transitions:
         was cancelled, or taken over after its lease expired) changes nothing about the job and
         is recorded as cancelled or lost. Returns the ids of the jobs that were updated.
 
-        On PostgreSQL, one plain job that ended (the common case) is finished with a single
-        statement instead: the conditional UPDATE of the job and the attempt's close together.
+        On PostgreSQL, plain jobs that ended (the common case: a job or a batch that ran) are
+        finished with a single statement instead: the conditional UPDATE of the jobs and the
+        close of their attempts together.
         """
         if not done:
             return set()
         now = now or utcnow()
-        if (len(done) == 1 and self.engine.dialect.name == "postgresql"
-                and done[0].claim.parent_id is None and done[0].state != JobState.QUEUED):
-            return self._finish_one_pg(done[0], now)
+        if self.engine.dialect.name == "postgresql" and all(
+                d.claim.parent_id is None and d.state != JobState.QUEUED for d in done):
+            return self._finish_ended_pg(done, now)
         ids = [d.claim.job_id for d in done]
         lock = _LOCK_PG if self.engine.dialect.name == "postgresql" else _LOCK
         with self.engine.begin() as conn:
@@ -206,13 +208,15 @@ class Transitions:
             ])
         return owned_ids
 
-    def _finish_one_pg(self, d: Finish, now: datetime) -> set[str]:
-        params = {**_finish_params(d), **_ended_params(d), "f_now": now,
-                  "f_outcome": d.outcome}
+    def _finish_ended_pg(self, done: Sequence[Finish], now: datetime) -> set[str]:
+        rows = [{**_finish_params(d), **_ended_params(d), "f_outcome": d.outcome} for d in done]
+        params: dict[str, Any] = {
+            f"a_{name}": [row[f"f_{name}"] for row in rows] for name in _ENDED_ARRAYS}
+        params["a_result"] = [json.dumps(row["f_result"]) for row in rows]
+        params["f_now"] = now
         with self.engine.connect() as conn:  # one statement: autocommit is atomic
-            owned = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-                _FINISH_ONE_PG, params).scalar_one_or_none()
-        return {d.claim.job_id} if owned else set()
+            return set(conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                _FINISH_ENDED_PG, params).scalars())
 
     def mark_dead_if_exhausted(self, job_id: str, *, now: datetime | None = None) -> bool:
         """A running job whose lease expired with no attempts left is dead (its worker was lost)."""
@@ -351,28 +355,40 @@ _ENDED = update(jobs).where(_OWNED).values(
     items=bindparam("f_items"), batch_id=bindparam("f_batch"),
     batch_size=bindparam("f_batch_size"), items_done=bindparam("f_done"),
 )
-# PostgreSQL, one plain job that ended: its UPDATE and its attempt's close in one statement.
-# "owned" and the job read in the CASE see the same snapshot: when "owned" is empty the row was
-# not changed by this statement, so its state tells whether it was cancelled or taken over.
-_FINISH_ONE_PG = text(f"""
-WITH owned AS (
-  UPDATE jobs SET state = :f_state, lease_expires_at = NULL, error = :f_error,
-    cpu_seconds = cpu_seconds + :f_cpu, wall_seconds = wall_seconds + :f_wall,
-    queue_seconds = coalesce(queue_seconds, 0) + :f_waited, finished_at = :f_now,
-    result = CAST(:f_result AS json), result_ref = :f_ref, items = :f_items, batch_id = :f_batch,
-    batch_size = :f_batch_size, items_done = :f_done
-  WHERE id = :f_id AND state = '{JobState.RUNNING}' AND attempts = :f_attempt
-  RETURNING id
+# PostgreSQL, plain jobs that ended: their UPDATE and their attempts' close in one statement,
+# the rows passed as arrays. "owned" and the job read in the CASE see the same snapshot: where
+# "owned" lacks a job, this statement did not change its row, so its state tells whether it was
+# cancelled or taken over.
+_ENDED_ARRAYS = {
+    "id": "text", "attempt": "int", "state": "text", "outcome": "text", "error": "text",
+    "cpu": "float8", "wall": "float8", "waited": "float8", "result": "text", "ref": "text",
+    "items": "int", "batch": "text", "batch_size": "int", "done": "int",
+}
+_FINISH_ENDED_PG = text(f"""
+WITH input AS (
+  SELECT * FROM unnest({", ".join(f"CAST(:a_{n} AS {t}[])" for n, t in _ENDED_ARRAYS.items())})
+    AS i({", ".join(_ENDED_ARRAYS)})
+), owned AS (
+  UPDATE jobs SET state = i.state, lease_expires_at = NULL, error = i.error,
+    cpu_seconds = jobs.cpu_seconds + i.cpu, wall_seconds = jobs.wall_seconds + i.wall,
+    queue_seconds = coalesce(jobs.queue_seconds, 0) + i.waited, finished_at = :f_now,
+    result = CAST(i.result AS json), result_ref = i.ref, items = i.items, batch_id = i.batch,
+    batch_size = i.batch_size, items_done = i.done
+  FROM input i
+  WHERE jobs.id = i.id AND jobs.state = '{JobState.RUNNING}' AND jobs.attempts = i.attempt
+  RETURNING jobs.id
+), closed AS (
+  UPDATE attempts SET
+    outcome = CASE WHEN i.id IN (SELECT id FROM owned) THEN i.outcome
+      WHEN (SELECT state FROM jobs WHERE id = i.id) = '{JobState.CANCELLED}'
+        THEN '{Outcome.CANCELLED}'
+      ELSE '{Outcome.LOST}' END,
+    finished_at = :f_now, error = i.error, cpu_seconds = i.cpu, wall_seconds = i.wall
+  FROM input i
+  WHERE attempts.job_id = i.id AND attempts.number = i.attempt
 )
-UPDATE attempts SET
-  outcome = CASE WHEN EXISTS (SELECT 1 FROM owned) THEN :f_outcome
-    WHEN (SELECT state FROM jobs WHERE id = :f_id) = '{JobState.CANCELLED}'
-      THEN '{Outcome.CANCELLED}'
-    ELSE '{Outcome.LOST}' END,
-  finished_at = :f_now, error = :f_error, cpu_seconds = :f_cpu, wall_seconds = :f_wall
-WHERE job_id = :f_id AND number = :f_attempt
-RETURNING EXISTS (SELECT 1 FROM owned) AS owned
-""").bindparams(bindparam("f_now", type_=_T), bindparam("f_result", type_=JSON))
+SELECT id FROM owned
+""").bindparams(bindparam("f_now", type_=_T))
 _PARENT_PROGRESS = update(jobs).where(jobs.c.id == bindparam("p_id")).values(
     items_done=jobs.c.items_done + bindparam("p_items"),
     cpu_seconds=jobs.c.cpu_seconds + bindparam("p_cpu"),
