@@ -124,8 +124,12 @@ class Buffers:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
                          time_limit=time_limit)
         elif length == 1:
+            # The cap counts from enqueue, not from this push: the submit's own time (storing
+            # the row) is already part of the job's wait.
+            waited = max(time.time() - enqueued_at.timestamp(), 0.0)
             self.trigger(tier=tier, kind=kind, key=key, priority=priority,
-                         countdown=delay_ms / 1000.0, time_limit=time_limit)
+                         countdown=max(delay_ms / 1000.0 - waited, 0.0) or None,
+                         time_limit=time_limit)
 
     def remove(self, *, tier: Tier, kind: str, key: str, job_id: str,
                enqueued_at: datetime) -> None:
