@@ -96,6 +96,40 @@ class QuotaExceeded(SubmitError):
         super().__init__(f"tenant {tenant!r} is over its {quota} quota{scope}: {what}{retry}")
 
 
+class RetrievalError(SubmitError):
+    """Raised when an ``index``, ``search`` or ``evaluate`` request names an index, a source
+    or a vector that cannot serve it. At submit nothing is stored; raised inside a worker it
+    fails the job at once (the same input can never succeed)."""
+
+
+class UnknownIndex(RetrievalError):
+    """Raised when no index has been built under the given name (or the name is malformed)."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        super().__init__(f"unknown index {name!r}: {detail}")
+
+
+class DimensionMismatch(RetrievalError):
+    """Raised when vectors (a query, or a source being indexed) are not the index's width."""
+
+    def __init__(self, name: str, expected: int, got: int) -> None:
+        self.name = name
+        self.expected = expected
+        self.got = got
+        super().__init__(f"index {name!r} holds {expected}-dimensional vectors, got {got}")
+
+
+class InvalidSource(RetrievalError):
+    """Raised when an index source is not a finished ``embed`` job with vectors: unknown,
+    another kind, not succeeded yet, empty, embedded with another model than the index's, or
+    given ids that do not match its vectors."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"index source {job_id}: {detail}")
+
+
 # --- job outcomes ----------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from orchestrator.errors import ConfigurationError
 from orchestrator.tiers import DEFAULT_POLICIES, TIER_ORDER, Tier, TierPolicy
 
-BUILTIN_IMPORTS: tuple[str, ...] = ("workers.kinds.basic", "workers.kinds.inference")
+BUILTIN_IMPORTS: tuple[str, ...] = (
+    "workers.kinds.basic", "workers.kinds.inference", "workers.kinds.retrieval")
 EMBEDDED_SOCKET = "redis.sock"
 
 
