@@ -13,7 +13,7 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from orchestrator.broker import make_celery
+from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY, make_celery
 from orchestrator.db.engine import make_engine
 from orchestrator.db.migrate import current_revision, head_revision, upgrade
 from orchestrator.db.store import JobStore
@@ -78,13 +78,17 @@ class Services:
         self.signal_many([(job_id, state)])
 
     def signal_many(self, ended: list[tuple[str, str]]) -> None:
-        """Announce several job ends in one round trip (a batch's)."""
+        """Announce several job ends in one round trip (a batch's), and drop their reconciler
+        entries."""
         if not ended:
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
             for job_id, state in ended:
                 pipe.publish(done_channel(job_id), state)
+            ids = [job_id for job_id, _ in ended]
+            pipe.hdel(TRANSPORT_KEY, *ids)  # an ended job needs no message any more
+            pipe.hdel(TAKEOVER_KEY, *ids)
             pipe.execute()
         except redis.RedisError:
             log.warning("could not signal the end of %d job(s)", len(ended), exc_info=True)

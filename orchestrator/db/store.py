@@ -69,6 +69,7 @@ class JobView:
     wall_seconds: float
     items: int
     cost: Decimal | None
+    window: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -116,6 +117,7 @@ class NewJob:
     items_total: int | None = None
     chunk_index: int | None = None
     state: str = JobState.QUEUED
+    window: str | None = None
 
 
 _JOB_COLUMNS = [jobs.c[name] for name in JobView.__dataclass_fields__]
@@ -169,7 +171,7 @@ class JobStore(Transitions):
                         queued_at=now, deadline=job.deadline, parent_id=job.parent_id,
                         items_total=job.items_total, chunk_index=job.chunk_index,
                         items_done=0, cpu_seconds=0.0,
-                        wall_seconds=0.0, items=0,
+                        wall_seconds=0.0, items=0, window=job.window,
                     )
                 )
         except IntegrityError:
@@ -229,11 +231,12 @@ class JobStore(Transitions):
         tier: str | None = None,
         since: datetime | None = None,
         limit: int = 50,
+        window: str | None = None,
     ) -> list[JobView]:
         query = select(*_JOB_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id).limit(limit)
         for column, value in (
             (jobs.c.state, state), (jobs.c.tenant, tenant), (jobs.c.kind, kind),
-            (jobs.c.tier, tier),
+            (jobs.c.tier, tier), (jobs.c.window, window),
         ):
             if value is not None:
                 query = query.where(column == value)

@@ -51,6 +51,7 @@ class Claim:
     took_over: bool
     items_done: int = 0
     preemptions: int = 0
+    window: str | None = None
 
     @property
     def retries_used(self) -> int:
@@ -133,7 +134,7 @@ class Transitions:
                     jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload,
                     jobs.c.attempts, jobs.c.max_attempts, jobs.c.queued_at,
                     jobs.c.lease_expires_at, jobs.c.deadline, jobs.c.parent_id,
-                    jobs.c.items_done, jobs.c.preemptions,
+                    jobs.c.items_done, jobs.c.preemptions, jobs.c.window,
                 )
             ).all()
             if not rows:
@@ -159,7 +160,7 @@ class Transitions:
                 payload=row.payload, attempt=row.attempts, max_attempts=row.max_attempts,
                 queued_at=row.queued_at, started_at=now, lease_expires_at=row.lease_expires_at,
                 deadline=row.deadline, parent_id=row.parent_id, took_over=row.id in lost,
-                items_done=row.items_done, preemptions=row.preemptions,
+                items_done=row.items_done, preemptions=row.preemptions, window=row.window,
             )
             for row in rows
         }
@@ -304,13 +305,15 @@ def _finish_statements(owned: Sequence[Finish], now: datetime) -> list[tuple[Any
         stmt = update(jobs).where(where).values(
             **base, state=JobState.QUEUED, queued_at=bindparam("f_requeue_at"))
         out.append((stmt, [{**params(d), "f_requeue_at": d.requeue_at or now} for d in retries]))
+    # Preempted: back to queued (yielded to a higher tier) or deferred (its window closed).
     preempted = [d for d in owned if d.outcome == Outcome.PREEMPTED]
     if preempted:
         stmt = update(jobs).where(where).values(
-            **base, state=JobState.QUEUED, queued_at=now, preemptions=jobs.c.preemptions + 1,
+            **base, state=bindparam("f_to"), queued_at=now, preemptions=jobs.c.preemptions + 1,
             items_done=bindparam("f_checkpoint"))
-        out.append((stmt, [{**params(d), "f_checkpoint": d.checkpoint or 0} for d in preempted]))
-    ended = [d for d in owned if d.state != JobState.QUEUED]
+        out.append((stmt, [{**params(d), "f_checkpoint": d.checkpoint or 0, "f_to": d.state}
+                           for d in preempted]))
+    ended = [d for d in owned if d.state != JobState.QUEUED and d.outcome != Outcome.PREEMPTED]
     if ended:
         stmt = update(jobs).where(where).values(
             **base, state=bindparam("f_state"), finished_at=now,
