@@ -84,19 +84,51 @@ def check_timezone(name: str) -> ZoneInfo:
         ) from None
 
 
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _crontab_weekdays(field: str) -> str:
+    """Crontab numbers Sunday 0 (or 7); APScheduler 3 numbers Monday 0. Rewrite numeric
+    weekday terms (``1-5``, ``0,6``, ``*/2``) as names, which both read the same way."""
+    out: list[str] = []
+    for part in field.split(","):
+        base, _, step = part.partition("/")
+        numeric = (base == "*" and step) or re.fullmatch(r"[0-7](-[0-7])?", base)
+        if not numeric:
+            out.append(part)
+            continue
+        first, _, last = ("0-6" if base == "*" else base).partition("-")
+        days = list(range(int(first), int(last or first) + 1))
+        if not days:
+            raise ValueError(f"empty weekday range {base!r}")
+        picked = days[::int(step)] if step else days
+        out.extend(dict.fromkeys(_CRON_DAYS[d] for d in picked))
+    return ",".join(dict.fromkeys(out))
+
+
 def cron_trigger(cron: str, timezone: str) -> CronTrigger:
-    """APScheduler's trigger for a five-field crontab expression.
+    """APScheduler's trigger for a crontab expression: five fields (minute hour day month
+    weekday), or six with a leading seconds field (``*/10 * * * * *``: every 10 seconds).
+    Weekday numbers mean what they mean in crontab (0 and 7 are Sunday), not APScheduler 3's
+    Monday-first numbering.
 
     Raises:
         InvalidWindow: the expression or the timezone is malformed.
     """
     tz = check_timezone(timezone)
     try:
-        return CronTrigger.from_crontab(cron, timezone=tz)
+        fields = cron.split() if isinstance(cron, str) else []
+        if len(fields) == 5:
+            fields.insert(0, "0")
+        if len(fields) != 6:
+            raise ValueError(f"got {len(fields)} fields, expected 5 or 6")
+        second, minute, hour, day, month, weekday = fields
+        return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
+                           day_of_week=_crontab_weekdays(weekday), timezone=tz)
     except (ValueError, TypeError) as e:
         raise InvalidWindow(
-            f"cron {cron!r} is not a crontab expression (minute hour day month weekday): {e}"
-        ) from None
+            f"cron {cron!r} is not a crontab expression ([second] minute hour day month "
+            f"weekday): {e}") from None
 
 
 def _aware(value: datetime, tz: ZoneInfo, what: str) -> datetime:
