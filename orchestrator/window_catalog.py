@@ -140,11 +140,12 @@ class WindowCatalog:
                 removable from the CLI).
             WindowInUse: deferred, queued or running jobs still name it.
         """
+        known = self.all()
         with self.engine.begin() as conn:
             exists = conn.execute(select(windows.c.name).where(windows.c.name == name)).first()
             if exists is None:
-                where = "the config file" if name in self.all() and \
-                    self.all()[name].source == "config" else None
+                where = "the config file" if name in known and \
+                    known[name].source == "config" else None
                 if where or name in BUILTIN_WINDOWS:
                     raise NotDefined(f"window {name!r} is defined by "
                                      f"{where or 'the built-ins'}, not the CLI; "
