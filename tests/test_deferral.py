@@ -4,7 +4,7 @@ on the real database and Redis with an injected clock for the scheduler's tick."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,8 +13,8 @@ import redis
 from sqlalchemy import select
 
 from orchestrator.broker import TRANSPORT_KEY, queue_key, window_key
-from orchestrator.client import Client
 from orchestrator.cli.jobs_cmd import next_eligible
+from orchestrator.client import Client
 from orchestrator.db.deferral import events
 from orchestrator.db.models import attempts
 from orchestrator.db.store import utcnow
@@ -24,9 +24,8 @@ from orchestrator.tiers import TIER_ORDER
 from orchestrator.transport import Transport
 from orchestrator.window_catalog import WindowCatalog
 from orchestrator.windows import WindowSpec
-from workers.runtime import Runtime
-
 from tests.kinds_for_tests import NightlyPayload  # noqa: F401  (declares "nightly")
+from workers.runtime import Runtime
 
 
 def _queues_empty(r: redis.Redis) -> bool:

@@ -137,7 +137,7 @@ def test_config_file_windows_validate_and_override_the_builtin(tmp_path: Path) -
     assert found["xmas"].slots == 2
     with pytest.raises(ConfigurationError, match=r"windows.bad has unknown key\(s\) crn"):
         config_windows({"windows": {"bad": {"crn": "0 1 * * *"}}})
-    with pytest.raises(ConfigurationError, match="windows.bad: .*not a crontab"):
+    with pytest.raises(ConfigurationError, match=r"windows\.bad: .*not a crontab"):
         config_windows({"windows": {"bad": {"cron": "nope", "duration": "1h"}}})
     assert BUILTIN_WINDOWS["offpeak"].tiers == ("offline",)
 
