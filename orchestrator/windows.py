@@ -127,8 +127,8 @@ def cron_trigger(cron: str, timezone: str) -> CronTrigger:
                            day_of_week=_crontab_weekdays(weekday), timezone=tz)
     except (ValueError, TypeError) as e:
         raise InvalidWindow(
-            f"cron {cron!r} is not a crontab expression ([second] minute hour day month "
-            f"weekday): {e}") from None
+            f"cron {cron!r} is not a crontab expression (seconds optional, then minute "
+            f"hour day month weekday): {e}") from None
 
 
 def _aware(value: datetime, tz: ZoneInfo, what: str) -> datetime:
