@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from orchestrator.broker import time_limits
+from orchestrator.broker import TRANSPORT_KEY, time_limits
 from orchestrator.tiers import Tier
 
 BATCH_TASK = "orchestrator.batch"
@@ -113,12 +113,16 @@ class Buffers:
 
     def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
              enqueued_at: datetime, max_batch: int, delay_ms: float,
-             time_limit: float | None = None) -> None:
-        """Buffer one job and publish the trigger it needs, if any."""
+             time_limit: float | None = None, attempt: int = 0) -> None:
+        """Buffer one job and publish the trigger it needs, if any.
+
+        ``attempt`` is the job's attempt count now, recorded for the reconciler.
+        """
         buffer = buffer_key(tier, kind, key)
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(buffer, encode_item(job_id, enqueued_at))
         pipe.sadd(buffers_set(tier), buffer)  # lets running work see what waits above it
+        pipe.hset(TRANSPORT_KEY, job_id, attempt)
         length = int(pipe.execute()[0])
         if length % max_batch == 0:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,

@@ -96,3 +96,17 @@ def time_limits(app: Celery, limit_s: float | None) -> dict[str, float]:
 def queue_key(tier: Tier, priority: int) -> str:
     """The Redis list kombu keeps for a tier's messages at a priority step."""
     return tier.value if priority == 0 else f"{tier.value}{REDIS_SEP}{priority}"
+
+
+#: Redis hash: job id -> the job's attempt count when its message (or buffer entry, or fair-turn
+#: entry) was made. The reconciler compares it with the database: a queued job whose entry is
+#: missing or older than its attempts has no message any more (Redis lost it, or a publish
+#: failed after the database recorded the retry).
+TRANSPORT_KEY = "orch:transport"
+#: Redis hash: job id -> the attempt whose expired lease the reconciler already re-published.
+TAKEOVER_KEY = "orch:takeover"
+
+
+def window_key(name: str) -> str:
+    """Present (holding the price multiplier) while the window is open; expires at its close."""
+    return f"orch:window:open:{name}"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis import RedisError
 
+from orchestrator.db.deferral import defer_chunks
 from orchestrator.db.models import JobState
 from orchestrator.db.store import NewJob
 from orchestrator.errors import InvalidOption, InvalidPayload, ServiceUnavailable
@@ -59,8 +60,9 @@ def submit_bulk(
     tenant: str,
     chunk_size: int | None,
     idempotency_key: str | None,
+    window: str | None = None,
 ) -> JobHandle:
-    """See ``Client.submit_bulk``."""
+    """See ``Client.submit_bulk``. ``window`` is the resolved window name (None: run now)."""
     from orchestrator.client import JobHandle
 
     spec = client.services.kinds.get(kind)
@@ -83,6 +85,7 @@ def submit_bulk(
         tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
         payload={**params, "bulk": {"field": field, "chunk_size": size}},
         max_attempts=max_attempts, idempotency_key=idempotency_key, state=JobState.RUNNING,
+        window=window,
     )
     client._admit(tier, tenant, idempotency_key)  # load shedding and quotas, nothing stored yet
     parent_id, created = store.create(parent)
@@ -102,6 +105,11 @@ def submit_bulk(
         store.delete_bulk(parent_id)
         raise
     _set_result_dir(client, parent_id)
+    if window is not None:
+        # Staged chunks had no window, so no scheduler could release part of a stream that
+        # might still be refused; now they all wait for it.
+        defer_chunks(client.services.engine, parent_id, total, window)
+        return JobHandle(client, parent_id, created=True)
     chunk_ids = store.release_chunks(parent_id, total)
     try:
         # Chunks wait per tenant and reach the queue in fair turns (orchestrator.fairness).

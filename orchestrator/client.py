@@ -41,6 +41,9 @@ from orchestrator.results import decode_result, iter_rows
 from orchestrator.services import Services, done_channel
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
+from orchestrator.transport import mark_sent
+from orchestrator.window_catalog import WindowCatalog
+from orchestrator.windows import KIND_DEFAULT, NO_WINDOW_NAME, WindowSpec, _KindDefault
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class Client:
         self._admission = Admission(services.redis, services.settings)
         self._quotas = Quotas(services.engine, services.redis,
                               redis_url=services.settings.redis_url())
+        self.windows = WindowCatalog(services.engine, services.settings)
 
     @classmethod
     def from_env(cls) -> Client:
@@ -126,17 +130,24 @@ class Client:
         tenant: str = "default",
         idempotency_key: str | None = None,
         deadline: datetime | timedelta | float | None = None,
+        window: str | _KindDefault | None = KIND_DEFAULT,
     ) -> JobHandle:
         """Validate and enqueue a job; with a used ``(tenant, idempotency_key)``, return that job.
 
         ``tier=None`` takes the kind's default tier. ``deadline`` (a UTC datetime, or seconds or
         a timedelta from now) is the latest time the job may start; past it, it fails unrun.
+        ``window`` names an off-peak window to wait for: the job is stored ``deferred`` and
+        published when the scheduler sees the window open. By default the kind's own window
+        applies (when it admits the job's tier and kind); ``None`` runs the job now.
 
         Raises:
             UnknownKind: no imported module declares ``kind``.
             InvalidPayload: the payload does not match the kind's schema (field by field).
-            InvalidOption: tier, tenant, idempotency key or deadline is malformed.
-            Overloaded: the tier sheds load (``retry_after`` says when to try again).
+            InvalidOption: tier, tenant, idempotency key, deadline or window is malformed, or
+                the window does not admit the job's tier or kind.
+            UnknownWindow: no window of that name is defined (an ``InvalidOption``).
+            Overloaded: the tier sheds load (``retry_after`` says when to try again); not
+                checked for a deferred job, which waits in the database, not on a queue.
             QuotaExceeded: one of the tenant's quotas refuses it (``quota`` names which).
             ServiceUnavailable: the job could not be stored or published (nothing is left
                 behind).
@@ -147,18 +158,23 @@ class Client:
         _check_tenant(tenant)
         _check_key(idempotency_key)
         due = _parse_deadline(deadline)
+        target = self.window_for(spec, chosen, window)
         policy = self.settings.policy(chosen)
-        self._admit(chosen, tenant, idempotency_key)
+        self._admit(chosen, tenant, idempotency_key, shed=target is None)
         new = NewJob(
             tenant=tenant, kind=kind, tier=chosen.value, priority=policy.priority,
             payload=model.model_dump(mode="json"),
             max_attempts=spec.retry.resolve(policy).max_attempts or policy.max_attempts,
             idempotency_key=idempotency_key, deadline=due,
+            state=JobState.QUEUED if target is None else JobState.DEFERRED,
+            window=None if target is None else target.name,
         )
         store = self.services.store
         now = utcnow()
         job_id, created = store.create(new, now=now)
-        if created:
+        if created and target is not None:
+            log.debug("job %s deferred to window %s", job_id, target.name)
+        elif created:
             try:
                 if spec.batch is not None:
                     self._buffers.push(
@@ -170,6 +186,7 @@ class Client:
                 else:
                     publish(self.services.celery, job_id, chosen, policy.priority,
                             time_limit=policy.time_limit_s)
+                    mark_sent(self.services.redis, [(job_id, 0)])
             except (KombuOperationalError, RedisError, OSError) as e:
                 self._withdraw(spec, model, chosen, job_id, now)
                 raise ServiceUnavailable(f"broker refused the job, nothing was kept: {e}") from e
@@ -186,8 +203,13 @@ class Client:
         tenant: str = "default",
         chunk_size: int | None = None,
         idempotency_key: str | None = None,
+        window: str | _KindDefault | None = KIND_DEFAULT,
     ) -> JobHandle:
         """Submit a stream of items as one bulk job that runs as checkpointed chunks.
+
+        With a ``window`` (as for ``submit``), the chunks wait ``deferred`` for it; when it
+        closes, running chunks checkpoint at their next mini-batch and wait for the next
+        opening.
 
         ``items`` is read one chunk at a time; each chunk's payload is ``params`` plus the items
         in the kind's bulk field (``texts`` for ``embed``, ``rows`` for ``score``). Results
@@ -206,11 +228,43 @@ class Client:
 
         _check_tenant(tenant)
         _check_key(idempotency_key)
-        return submit_bulk(self, kind, items, params=params, tier=_parse_tier(tier),
+        chosen = _parse_tier(tier)
+        target = self.window_for(self.services.kinds.get(kind), chosen, window)
+        return submit_bulk(self, kind, items, params=params, tier=chosen,
                            tenant=tenant, chunk_size=chunk_size,
-                           idempotency_key=idempotency_key)
+                           idempotency_key=idempotency_key,
+                           window=None if target is None else target.name)
 
-    def _admit(self, tier: Tier, tenant: str, idempotency_key: str | None) -> None:
+    def window_for(self, spec: KindSpec, tier: Tier, window: str | _KindDefault | None
+                   ) -> WindowSpec | None:
+        """The window a submit waits for, or None to run now.
+
+        The kind's default applies only where it admits the job's tier and kind (an
+        interactive submit of a kind that defaults to an offline window runs now).
+
+        Raises:
+            UnknownWindow: the named (or the kind's default) window is not defined.
+            InvalidOption: ``window`` is not a name, or that window does not admit the job.
+        """
+        if isinstance(window, _KindDefault):
+            if spec.window is None:
+                return None
+            default = self.windows.get(spec.window)
+            return default if default.admits(tier.value, spec.name) else None
+        if window is None or window == NO_WINDOW_NAME:
+            return None
+        if not isinstance(window, str):
+            raise InvalidOption(f"window must be a window name or None, got {window!r}")
+        chosen = self.windows.get(window)
+        if not chosen.admits(tier.value, spec.name):
+            raise InvalidOption(
+                f"window {window!r} admits tiers {', '.join(chosen.tiers or ('all',))} and "
+                f"kinds {', '.join(chosen.kinds or ('all',))}; this job is a {tier.value} "
+                f"{spec.name!r} job")
+        return chosen
+
+    def _admit(self, tier: Tier, tenant: str, idempotency_key: str | None, *,
+               shed: bool = True) -> None:
         """Refuse a submit that the tier's load or the tenant's quotas do not allow.
 
         Runs before anything is stored. A submit whose idempotency key already names a job
@@ -222,7 +276,8 @@ class Client:
         if idempotency_key is not None and \
                 self.services.store.find_by_key(tenant, idempotency_key) is not None:
             return
-        self._admission.check(tier)
+        if shed:
+            self._admission.check(tier)
         self._quotas.check(tenant, tier)
 
     def chunks(self, job_id: str) -> list[JobView]:

@@ -186,3 +186,53 @@ class TransientError(TaskError):
 
 class PermanentError(TaskError):
     """Raised when an execution can never succeed with this payload (failed, no retry)."""
+
+
+# --- windows and schedules -------------------------------------------------------------------
+
+
+class UnknownWindow(InvalidOption):
+    """Raised when a submit, a schedule or a command names a window that nothing defines.
+
+    Windows come from ``orchestrator windows add``, the config file's ``[windows.NAME]``
+    tables, and the built-in ``offpeak``.
+    """
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            f"unknown window {name!r}; defined windows: {', '.join(sorted(known)) or 'none'} "
+            "(define it with `orchestrator windows add` or in the config file's [windows] "
+            "section, or submit with window=None to run now)"
+        )
+
+
+class DefinitionError(OrchestratorError):
+    """Raised when an operator's definition of a window or schedule is refused.
+
+    Nothing was written: the database and the config file are as they were.
+    """
+
+
+class InvalidWindow(DefinitionError):
+    """Raised when a window's cron, timezone, duration, dates, tiers, kinds, slots or price
+    multiplier is malformed or contradictory."""
+
+
+class InvalidSchedule(DefinitionError):
+    """Raised when a recurring schedule's cron, timezone, kind, payload, tier, tenant or window
+    is malformed."""
+
+
+class AlreadyDefined(DefinitionError):
+    """Raised when adding a window or schedule whose name is already taken."""
+
+
+class NotDefined(DefinitionError):
+    """Raised when removing or showing a window or schedule that does not exist (or that only
+    the config file or the built-ins define, which the CLI cannot remove)."""
+
+
+class WindowInUse(DefinitionError):
+    """Raised when removing a window that deferred, queued or running jobs still name."""

@@ -14,12 +14,12 @@ place while it waits to resume.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 from celery import Celery
 
-from orchestrator.broker import publish
+from orchestrator.broker import TRANSPORT_KEY, publish
 from orchestrator.tiers import Tier, TierPolicy
 
 # ARGV: key prefix, window size, chunk id to release ("" for none).
@@ -68,13 +68,19 @@ class FairDispatcher:
         self.window = window
         self._dispatch = client.register_script(_DISPATCH)
 
-    def enqueue(self, tier: Tier, tenant: str, weight: int, chunk_ids: Sequence[str]) -> None:
-        """Add a tenant's chunks behind its earlier ones (not yet published)."""
+    def enqueue(self, tier: Tier, tenant: str, weight: int, chunk_ids: Sequence[str],
+                attempts: Mapping[str, int] | None = None) -> None:
+        """Add a tenant's chunks behind its earlier ones (not yet published).
+
+        ``attempts`` (default 0 each) is recorded for the reconciler.
+        """
         if not chunk_ids:
             return
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(chunk_ids), 1000):
-            pipe.rpush(f"{prefix(tier)}:q:{tenant}", *chunk_ids[start:start + 1000])
+            part = chunk_ids[start:start + 1000]
+            pipe.rpush(f"{prefix(tier)}:q:{tenant}", *part)
+            pipe.hset(TRANSPORT_KEY, mapping={c: (attempts or {}).get(c, 0) for c in part})
         pipe.hset(f"{prefix(tier)}:weights", tenant, max(int(weight), 1))
         pipe.execute()
 

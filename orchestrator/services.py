@@ -15,7 +15,7 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from orchestrator.broker import make_celery
+from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY, make_celery
 from orchestrator.db.engine import make_engine
 from orchestrator.db.migrate import current_revision, head_revision, upgrade
 from orchestrator.db.store import JobStore
@@ -81,7 +81,8 @@ class Services:
 
     def signal_many(self, ended: list[tuple[str, str]],
                     also: Callable[[Any], None] | None = None) -> None:
-        """Announce several job ends in one round trip (a batch's).
+        """Announce several job ends in one round trip (a batch's), and drop their reconciler
+        entries.
 
         ``also`` queues more best-effort commands on the same pipeline (the runtime's service
         time statistic), so a finished batch costs one Redis round trip in all.
@@ -92,6 +93,10 @@ class Services:
             pipe = self.redis.pipeline(transaction=False)
             for job_id, state in ended:
                 pipe.publish(done_channel(job_id), state)
+            if ended:
+                ids = [job_id for job_id, _ in ended]
+                pipe.hdel(TRANSPORT_KEY, *ids)  # an ended job needs no message any more
+                pipe.hdel(TAKEOVER_KEY, *ids)
             if also is not None:
                 also(pipe)
             pipe.execute()

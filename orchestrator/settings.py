@@ -53,6 +53,15 @@ class Settings(BaseModel):
     #: The deployment's TOML file (``[windows.NAME]``, ``[prices]``); ``ORCH_CONFIG``, else
     #: ``orchestrator.toml`` in the state dir when it exists.
     config_file: Path | None = None
+    #: How often the scheduler looks at windows (opens, closes, releases deferred jobs).
+    scheduler_tick_s: float = Field(default=0.5, gt=0, le=60)
+    #: How long a scheduler's lease lasts without renewal (renewed every third of it).
+    scheduler_lease_s: float = Field(default=15.0, gt=0)
+    #: How often the scheduler's reconciler looks for jobs whose broker message is gone.
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    #: A queued job is only checked once it has been due this long (a submit in flight has
+    #: stored its row but not yet published), and an expired lease only this long after expiry.
+    reconcile_grace_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _tier_steps_in_order(self) -> Settings:
@@ -96,6 +105,8 @@ class Settings(BaseModel):
             "ORCH_HARD_LIMIT_GRACE_S",
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
             "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION", "ORCH_CONFIG",
+            "ORCH_SCHEDULER_TICK_S", "ORCH_SCHEDULER_LEASE_S", "ORCH_RECONCILE_INTERVAL_S",
+            "ORCH_RECONCILE_GRACE_S",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -129,6 +140,10 @@ class Settings(BaseModel):
             ("embed_variant", "ORCH_EMBED_VARIANT"),
             ("fair_window", "ORCH_FAIR_WINDOW"),
             ("preemption", "ORCH_PREEMPTION"),
+            ("scheduler_tick_s", "ORCH_SCHEDULER_TICK_S"),
+            ("scheduler_lease_s", "ORCH_SCHEDULER_LEASE_S"),
+            ("reconcile_interval_s", "ORCH_RECONCILE_INTERVAL_S"),
+            ("reconcile_grace_s", "ORCH_RECONCILE_GRACE_S"),
         ):
             if env.get(var):
                 raw[key] = env[var]
@@ -208,6 +223,10 @@ class Settings(BaseModel):
             "ORCH_EMBED_VARIANT": self.embed_variant,
             "ORCH_FAIR_WINDOW": str(self.fair_window),
             "ORCH_PREEMPTION": "1" if self.preemption else "0",
+            "ORCH_SCHEDULER_TICK_S": repr(self.scheduler_tick_s),
+            "ORCH_SCHEDULER_LEASE_S": repr(self.scheduler_lease_s),
+            "ORCH_RECONCILE_INTERVAL_S": repr(self.reconcile_interval_s),
+            "ORCH_RECONCILE_GRACE_S": repr(self.reconcile_grace_s),
         }
         if self.database_url:
             env["ORCH_DATABASE_URL"] = self.database_url

@@ -108,7 +108,8 @@ def _empty_tables(url: str) -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            for table in ("attempts", "jobs", "tenants", "windows"):
+            for table in ("job_events", "attempts", "jobs", "tenants", "windows", "schedules",
+                          "scheduler_lease", "apscheduler_jobs"):
                 conn.execute(text(f"DELETE FROM {table}"))
     finally:
         engine.dispose()

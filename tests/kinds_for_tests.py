@@ -62,3 +62,45 @@ upper = kind(
     batch=BatchPolicy(max_batch_size=4, max_queue_delay_ms=300, key=lambda p: p.group,
                       bulk_field="texts", chunk_size=100, segment_size=10),
 )(_upper)
+
+
+class NightlyPayload(BaseModel):
+    """An offline kind whose jobs wait for the built-in ``offpeak`` window by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = ""
+
+
+@kind("nightly", schema=NightlyPayload, tier="offline", window="offpeak")
+def nightly(payload: NightlyPayload, ctx: JobContext) -> dict[str, Any]:
+    """Return the note."""
+    return {"note": payload.note}
+
+
+class TallyPayload(BaseModel):
+    """Items to count; each call appends the items it processed to ``path``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[str]
+    path: str
+    sleep_s: float = 0.0
+
+
+def _tally(payloads: list[TallyPayload], ctx: JobContext) -> list[Any]:
+    """Sleep, then append each item to its payload's file: a test counts how often each ran."""
+    out: list[Any] = []
+    for p in payloads:
+        time.sleep(p.sleep_s)
+        with Path(p.path).open("a") as f:
+            f.writelines(f"{item}\n" for item in p.items)
+        out.append([item.upper() for item in p.items])
+    return out
+
+
+tally = kind(
+    "tally", schema=TallyPayload, tier="offline", max_attempts=3,
+    batch=BatchPolicy(max_batch_size=4, max_queue_delay_ms=100, key=lambda p: p.path,
+                      bulk_field="items", chunk_size=100, segment_size=2),
+)(_tally)

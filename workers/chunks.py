@@ -6,11 +6,16 @@ checkpoint file and ends the attempt as ``preempted``: the job goes back to its 
 step (the front of the tier) with ``items_done`` at the checkpoint, its slot is free for the
 waiting work, and the next attempt starts at the checkpoint. No item runs twice; every attempt
 adds only the CPU it used; a preemption does not use up a retry.
+
+A chunk that belongs to an off-peak window also checks, between mini-batches, that the window
+is still open (``window_open``); once it has closed, the chunk checkpoints the same way and goes
+back to ``deferred``, to resume at the checkpoint in the window's next opening.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.db.store import Claim
@@ -31,7 +36,7 @@ def _join(pieces: list[Any]) -> Any:
 
 def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
               policy: TierPolicy, segment: int, check: HigherTierCheck, results: ResultStore,
-              outcomes: Outcomes) -> None:
+              outcomes: Outcomes, window_open: Callable[[], bool] | None = None) -> None:
     """Run a chunk from its checkpoint; record success, failure or preemption in ``outcomes``."""
     assert spec.batch is not None and spec.batch.bulk_field is not None
     assert claim.parent_id is not None
@@ -56,6 +61,10 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
                 raise piece
             pieces.append(piece)
             done = end
+            if done < len(items) and window_open is not None and not window_open():
+                results.write_part(claim.parent_id, claim.job_id, start, _join(pieces))
+                outcomes.defer(claim, done, *spent())
+                return
             if (done < len(items) and spent()[1] >= policy.preempt_min_slice_s
                     and check.waiting()):
                 results.write_part(claim.parent_id, claim.job_id, start, _join(pieces))

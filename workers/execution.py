@@ -30,12 +30,19 @@ class Outcomes:
     batches: dict[str, tuple[str, int]] = field(default_factory=dict)
     #: job id -> items done, for chunks that yielded to higher-tier work
     preempted: dict[str, int] = field(default_factory=dict)
+    #: job id -> items done, for jobs whose window closed (they go back to deferred)
+    deferred: dict[str, int] = field(default_factory=dict)
 
     def ok(self, claim: Claim, result: Any, cpu: float, wall: float) -> None:
         self.items.append((claim, result, None, cpu, wall))
 
     def preempt(self, claim: Claim, checkpoint: int, cpu: float, wall: float) -> None:
         self.preempted[claim.job_id] = checkpoint
+        self.items.append((claim, None, None, cpu, wall))
+
+    def defer(self, claim: Claim, checkpoint: int, cpu: float = 0.0, wall: float = 0.0
+              ) -> None:
+        self.deferred[claim.job_id] = checkpoint
         self.items.append((claim, None, None, cpu, wall))
 
     def fail(self, claim: Claim, error: BaseException, cpu: float = 0.0, wall: float = 0.0

@@ -31,9 +31,11 @@ from orchestrator.results import ResultStore, encode_array
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
+from orchestrator.transport import mark_sent
 from workers.chunks import run_chunk
 from workers.execution import LeaseKeeper, Outcomes, call_kind, context
 from workers.preemption import HigherTierCheck
+from workers.windowing import WindowGate
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Runtime:
         self.fair = FairDispatcher(services.redis, services.celery,
                                    window=self.settings.fair_window)
         self.resources: dict[str, Any] = {}
+        self.windows = WindowGate(services.redis, services.engine)
         self._rng = random.Random()
         self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
         self.leases = LeaseKeeper(services.store)
@@ -110,6 +113,9 @@ class Runtime:
         outcomes = Outcomes()
         runnable: list[tuple[Claim, Any]] = []
         spec: KindSpec | None = None
+        claims, closed = self.windows.admit(claims)
+        for claim in closed:  # its window closed before it could start: no item runs
+            outcomes.defer(claim, claim.items_done)
         for claim in claims:
             if claim.took_over:
                 log.warning("job %s: took over from a lost worker (attempt %d)",
@@ -135,7 +141,9 @@ class Runtime:
                               policy=policy, segment=self._segment(spec),
                               check=HigherTierCheck(self.services.redis, Tier(claim.tier),
                                                     enabled=self.settings.preemption),
-                              results=self.results, outcomes=outcomes)
+                              results=self.results, outcomes=outcomes,
+                              window_open=self.windows.open_check(claim.window)
+                              if claim.window else None)
                 rest = [(c, m) for c, m in runnable if not self._is_chunk(spec, c)]
                 if rest:
                     call_kind(spec, rest, self.worker, self.resources.get(spec.name), outcomes)
@@ -179,7 +187,12 @@ class Runtime:
 
     def _to_finish(self, outcomes: Outcomes, claim: Claim, result: Any,
                    error: BaseException | None, cpu: float, wall: float) -> Finish:
-        if claim.job_id in outcomes.preempted:
+        if claim.job_id in outcomes.deferred:
+            finish = Finish(claim, state=JobState.DEFERRED, outcome=Outcome.PREEMPTED,
+                            cpu_seconds=cpu, wall_seconds=wall,
+                            checkpoint=outcomes.deferred[claim.job_id],
+                            error=f"window {claim.window} closed; waits for its next opening")
+        elif claim.job_id in outcomes.preempted:
             finish = Finish(claim, state=JobState.QUEUED, outcome=Outcome.PREEMPTED,
                             cpu_seconds=cpu, wall_seconds=wall,
                             checkpoint=outcomes.preempted[claim.job_id])
@@ -196,12 +209,18 @@ class Runtime:
         """Publish what a recorded outcome calls for (a retry, a resume); True if it ended."""
         claim = finish.claim
         policy = self.settings.policy(Tier(claim.tier))
-        if finish.outcome == Outcome.PREEMPTED:
+        if finish.outcome == Outcome.PREEMPTED and finish.state == JobState.DEFERRED:
+            log.info("job %s: window %s closed at item %s; deferred", claim.job_id,
+                     claim.window, finish.checkpoint)
+            if claim.parent_id is not None:
+                self._chunk_left(claim.job_id, claim.tier)  # its fair-turn place is free
+        elif finish.outcome == Outcome.PREEMPTED:
             self._resume_later(finish)
         elif finish.state == JobState.QUEUED:
             delay = max(((finish.requeue_at or utcnow()) - utcnow()).total_seconds(), 0.0)
             publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.priority,
                     countdown=delay, time_limit=policy.time_limit_s)
+            mark_sent(self.services.redis, [(claim.job_id, claim.attempt)])
             log.info("job %s: retry %d/%d in %.2fs", claim.job_id, claim.attempt + 1,
                      claim.max_attempts, delay)
         else:
@@ -222,6 +241,7 @@ class Runtime:
         policy = self.settings.policy(Tier(claim.tier))
         publish(self.services.celery, claim.job_id, Tier(claim.tier), policy.resume_priority,
                 time_limit=policy.time_limit_s)
+        mark_sent(self.services.redis, [(claim.job_id, claim.attempt)])
         log.info("job %s: preempted at item %s after %.2fs; resumes at the front of %s",
                  claim.job_id, finish.checkpoint, finish.wall_seconds, claim.tier)
 

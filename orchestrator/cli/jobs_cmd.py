@@ -11,13 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.db.deferral import events
 from orchestrator.db.models import JobState
-from orchestrator.db.store import AttemptView, JobStore, JobView
-from orchestrator.errors import InvalidOption, JobNotFound
+from orchestrator.db.store import AttemptView, JobStore, JobView, utcnow
+from orchestrator.errors import InvalidOption, JobNotFound, OrchestratorError
 from orchestrator.results import decode_result
 from orchestrator.services import open_database
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
+from orchestrator.window_catalog import WindowCatalog
 
 app = typer.Typer(help="Review jobs.", no_args_is_help=True)
 out = Console()
@@ -46,6 +48,7 @@ def list_jobs(
     tenant: str = typer.Option(None),
     kind: str = typer.Option(None),
     tier: str = typer.Option(None, help="interactive, nearline or offline"),
+    window: str = typer.Option(None, help="only jobs that wait for (or ran in) this window"),
     limit: int = typer.Option(50, min=1, max=10_000),
     as_json: bool = typer.Option(False, "--json", help="one JSON array on stdout"),
 ) -> None:
@@ -55,16 +58,17 @@ def list_jobs(
     if tier is not None and tier not in {t.value for t in Tier}:
         raise InvalidOption(f"unknown tier {tier!r}; choose from interactive, nearline, offline")
     with _store() as store:
-        rows = store.find(state=state, tenant=tenant, kind=kind, tier=tier, limit=limit)
+        rows = store.find(state=state, tenant=tenant, kind=kind, tier=tier, limit=limit,
+                          window=window)
     if as_json:
         typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
         return
     table = Table(box=None, header_style="bold")
-    for column in ("id", "tenant", "kind", "tier", "state", "att", "created", "queue s",
-                   "cpu s", "wall s"):
+    for column in ("id", "tenant", "kind", "tier", "state", "window", "att", "created",
+                   "queue s", "cpu s", "wall s"):
         table.add_column(column, justify="right" if column.endswith(" s") else "left")
     for job in rows:
-        table.add_row(job.id, job.tenant, job.kind, job.tier, job.state,
+        table.add_row(job.id, job.tenant, job.kind, job.tier, job.state, job.window or "-",
                       f"{job.attempts}/{job.max_attempts}", _fmt_time(job.created_at),
                       _fmt_s(job.queue_seconds), _fmt_s(job.cpu_seconds),
                       _fmt_s(job.wall_seconds))
@@ -78,19 +82,33 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="the job and its attempts as JSON"),
 ) -> None:
     """Show one job: state, timings, cost columns, result or error, and every attempt."""
+    settings = Settings.from_env()
     with _store() as store:
         job = store.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
         tries = store.attempts(job_id)
+        notes = events(store.engine, job_id)
+        eligible = next_eligible(job, WindowCatalog(store.engine, settings), utcnow())
     if as_json:
-        typer.echo(json.dumps({**job.to_json(), "attempt_log": [a.to_json() for a in tries]},
-                              indent=2))
+        typer.echo(json.dumps({
+            **job.to_json(), "next_eligible": eligible[0].isoformat() if eligible[0] else None,
+            "eligibility": eligible[1],
+            "attempt_log": [a.to_json() for a in tries],
+            "events": [{"at": at.isoformat(), "event": ev, "detail": d} for at, ev, d in notes],
+        }, indent=2))
         return
-    _print_job(job, tries)
+    _print_job(job, tries, eligible[1])
+    if notes:
+        log = Table(title="events", header_style="bold")
+        for column in ("at", "event", "detail"):
+            log.add_column(column)
+        for at, ev, detail in notes:
+            log.add_row(_fmt_time(at), ev, detail or "")
+        out.print(log)
 
 
-def _print_job(job: JobView, tries: list[AttemptView]) -> None:
+def _print_job(job: JobView, tries: list[AttemptView], eligibility: str | None) -> None:
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -105,6 +123,10 @@ def _print_job(job: JobView, tries: list[AttemptView]) -> None:
         ("wall seconds", _fmt_s(job.wall_seconds)), ("items", str(job.items)),
         ("cost", "-" if job.cost is None else str(job.cost)),
     ]
+    if job.window:
+        rows.append(("window", job.window))
+    if eligibility:
+        rows.append(("eligible", eligibility))
     if job.items_total is not None:
         rows.append(("progress", f"{job.items_done} / {job.items_total}"))
     if job.parent_id:
@@ -131,6 +153,25 @@ def _print_job(job: JobView, tries: list[AttemptView]) -> None:
                         _fmt_time(a.finished_at), a.outcome, _fmt_s(a.cpu_seconds),
                         _fmt_s(a.wall_seconds), (a.error or "")[:80])
         out.print(log)
+
+
+def next_eligible(job: JobView, catalog: WindowCatalog, now: datetime
+                  ) -> tuple[datetime | None, str | None]:
+    """When a deferred job may next run, and a sentence saying so (None for other jobs)."""
+    if job.state != JobState.DEFERRED or not job.window:
+        return None, None
+    try:
+        window = catalog.get(job.window)
+    except OrchestratorError as e:
+        return None, f"never, until window {job.window} is defined ({e})"
+    start = window.next_open(now)
+    if start is None:
+        return None, f"never: window {job.window} has closed for good"
+    if start <= now:
+        return now, (f"now: window {job.window} is open until "
+                     f"{_fmt_time(window.closes_at(now))} UTC (waiting for a slot or the "
+                     "scheduler's next tick)")
+    return start, f"{_fmt_time(start)} UTC, when window {job.window} opens"
 
 
 @app.command("cancel")

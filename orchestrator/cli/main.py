@@ -9,7 +9,17 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, models_cmd, tenants_cmd, worker_cmd
+from orchestrator.cli import (
+    db_cmd,
+    demo_cmd,
+    jobs_cmd,
+    models_cmd,
+    scheduler_cmd,
+    schedules_cmd,
+    tenants_cmd,
+    windows_cmd,
+    worker_cmd,
+)
 from orchestrator.errors import OrchestratorError
 
 app = typer.Typer(
@@ -23,7 +33,10 @@ app.add_typer(db_cmd.app, name="db")
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(tenants_cmd.app, name="tenants")
+app.add_typer(windows_cmd.app, name="windows")
+app.add_typer(schedules_cmd.app, name="schedules")
 app.command("worker")(worker_cmd.worker)
+app.command("scheduler")(scheduler_cmd.scheduler)
 app.command("demo")(demo_cmd.demo)
 
 err = Console(stderr=True)

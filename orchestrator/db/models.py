@@ -12,17 +12,21 @@ from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
+    Column,
     DateTime,
     Double,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
     Table,
     Text,
     TypeDecorator,
+    Unicode,
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
@@ -200,7 +204,67 @@ class Attempt(Base):
     price_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
 
 
+class Schedule(Base):
+    """A recurring job: every occurrence of ``cron`` (in ``timezone``) submits one job.
+
+    ``window`` NULL means the kind's default window; ``"none"`` means no window (run at once).
+    """
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    tier: Mapped[str | None] = mapped_column(String(16))
+    tenant: Mapped[str] = mapped_column(String(64))
+    window: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    #: the last occurrence that submitted a job, and that job
+    last_occurrence: Mapped[datetime | None]
+    last_job_id: Mapped[str | None] = mapped_column(String(36))
+
+
+class JobEvent(Base):
+    """Something the control plane did to a job outside an attempt: released by its window,
+    re-published by the reconciler (and why)."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id", "job_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime]
+    event: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class SchedulerLease(Base):
+    """Who may act as the scheduler: one row per lease, taken over once ``expires_at`` passes."""
+
+    __tablename__ = "scheduler_lease"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+#: APScheduler 3's SQLAlchemyJobStore table, exactly as it defines it (it only creates the
+#: table when missing). Built by migration 0006 so that Alembic owns every table.
+apscheduler_jobs = Table(
+    "apscheduler_jobs",
+    Base.metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)
+
 jobs = cast(Table, Job.__table__)
 attempts = cast(Table, Attempt.__table__)
 tenants = cast(Table, Tenant.__table__)
 windows = cast(Table, Window.__table__)
+schedules = cast(Table, Schedule.__table__)
+job_events = cast(Table, JobEvent.__table__)
+scheduler_lease = cast(Table, SchedulerLease.__table__)

@@ -70,6 +70,7 @@ class JobView:
     wall_seconds: float
     items: int
     cost: Decimal | None
+    window: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -117,6 +118,7 @@ class NewJob:
     items_total: int | None = None
     chunk_index: int | None = None
     state: str = JobState.QUEUED
+    window: str | None = None
 
 
 _JOB_COLUMNS = [jobs.c[name] for name in JobView.__dataclass_fields__]
@@ -130,7 +132,7 @@ _INSERT_JOB = insert(jobs).values(
     max_attempts=bindparam("max_attempts"), preemptions=0, created_at=_NOW, queued_at=_NOW,
     deadline=bindparam("deadline", type_=UTCDateTime()), parent_id=bindparam("parent_id"),
     items_total=bindparam("items_total"), chunk_index=bindparam("chunk_index"), items_done=0,
-    cpu_seconds=0.0, wall_seconds=0.0, items=0,
+    cpu_seconds=0.0, wall_seconds=0.0, items=0, window=bindparam("window"),
 )
 
 
@@ -173,7 +175,7 @@ class JobStore(Transitions):
             "idempotency_key": job.idempotency_key, "payload": job.payload,
             "max_attempts": job.max_attempts, "now": now, "deadline": job.deadline,
             "parent_id": job.parent_id, "items_total": job.items_total,
-            "chunk_index": job.chunk_index,
+            "chunk_index": job.chunk_index, "window": job.window,
         }
         try:
             if job.tenant in self._tenants_seen and self.engine.dialect.name == "postgresql":
@@ -242,11 +244,12 @@ class JobStore(Transitions):
         tier: str | None = None,
         since: datetime | None = None,
         limit: int = 50,
+        window: str | None = None,
     ) -> list[JobView]:
         query = select(*_JOB_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id).limit(limit)
         for column, value in (
             (jobs.c.state, state), (jobs.c.tenant, tenant), (jobs.c.kind, kind),
-            (jobs.c.tier, tier),
+            (jobs.c.tier, tier), (jobs.c.window, window),
         ):
             if value is not None:
                 query = query.where(column == value)

@@ -56,6 +56,7 @@ class Claim:
     took_over: bool
     items_done: int = 0
     preemptions: int = 0
+    window: str | None = None
 
     @property
     def retries_used(self) -> int:
@@ -142,7 +143,7 @@ class Transitions:
                 payload=row.payload, attempt=row.attempts, max_attempts=row.max_attempts,
                 queued_at=row.queued_at, started_at=now, lease_expires_at=row.lease_expires_at,
                 deadline=row.deadline, parent_id=row.parent_id, took_over=row.id in lost,
-                items_done=row.items_done, preemptions=row.preemptions,
+                items_done=row.items_done, preemptions=row.preemptions, window=row.window,
             )
             for row in rows
         }
@@ -186,7 +187,8 @@ class Transitions:
             return set()
         now = now or utcnow()
         if self.engine.dialect.name == "postgresql" and all(
-                d.claim.parent_id is None and d.state != JobState.QUEUED for d in done):
+                d.claim.parent_id is None and d.state != JobState.QUEUED
+                and d.outcome != Outcome.PREEMPTED for d in done):
             return self._finish_ended_pg(done, now)
         ids = [d.claim.job_id for d in done]
         lock = _LOCK_PG if self.engine.dialect.name == "postgresql" else _LOCK
@@ -272,7 +274,7 @@ _CLAIM = (
         jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload,
         jobs.c.attempts, jobs.c.max_attempts, jobs.c.queued_at,
         jobs.c.lease_expires_at, jobs.c.deadline, jobs.c.parent_id,
-        jobs.c.items_done, jobs.c.preemptions,
+        jobs.c.items_done, jobs.c.preemptions, jobs.c.window,
     )
 )
 _LOSE_ATTEMPTS = (
@@ -299,7 +301,7 @@ WITH claimed AS (
     AND (state = '{JobState.QUEUED}'
          OR (state = '{JobState.RUNNING}' AND lease_expires_at < :c_now))
   RETURNING id, kind, tenant, tier, payload, attempts, max_attempts, queued_at,
-    lease_expires_at, deadline, parent_id, items_done, preemptions
+    lease_expires_at, deadline, parent_id, items_done, preemptions, "window"
 ), lost AS (
   UPDATE attempts SET outcome = '{Outcome.LOST}', finished_at = :c_now, error = :c_lost
   WHERE job_id IN (SELECT id FROM claimed WHERE attempts > 1)
@@ -316,7 +318,8 @@ SELECT claimed.*, claimed.id IN (SELECT job_id FROM lost) AS took_over FROM clai
 ).columns(
     jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload, jobs.c.attempts,
     jobs.c.max_attempts, jobs.c.queued_at, jobs.c.lease_expires_at, jobs.c.deadline,
-    jobs.c.parent_id, jobs.c.items_done, jobs.c.preemptions, column("took_over", Boolean),
+    jobs.c.parent_id, jobs.c.items_done, jobs.c.preemptions, jobs.c.window,
+    column("took_over", Boolean),
 )
 _RENEW = (
     update(jobs)
@@ -347,7 +350,7 @@ _SPENT = {
 _RETRY = update(jobs).where(_OWNED).values(
     **_SPENT, state=JobState.QUEUED, queued_at=_p("f_requeue_at"))
 _PREEMPTED = update(jobs).where(_OWNED).values(
-    **_SPENT, state=JobState.QUEUED, queued_at=_p("f_now"),
+    **_SPENT, state=bindparam("f_to"), queued_at=_p("f_now"),
     preemptions=jobs.c.preemptions + 1, items_done=bindparam("f_checkpoint"))
 _ENDED = update(jobs).where(_OWNED).values(
     **_SPENT, state=bindparam("f_state"), finished_at=_p("f_now"),
@@ -437,14 +440,15 @@ def _finish_statements(owned: Sequence[Finish], now: datetime) -> list[tuple[Any
     """One executemany for the retries, one for the preempted, one for the jobs that ended."""
     out: list[tuple[Any, list[Any]]] = []
     retries = [d for d in owned if d.state == JobState.QUEUED and d.outcome != Outcome.PREEMPTED]
+    # Preempted: back to queued (yielded to a higher tier) or deferred (its window closed).
     if retries:
         out.append((_RETRY, [{**_finish_params(d), "f_requeue_at": d.requeue_at or now}
                              for d in retries]))
     preempted = [d for d in owned if d.outcome == Outcome.PREEMPTED]
     if preempted:
-        out.append((_PREEMPTED, [{**_finish_params(d), "f_now": now,
+        out.append((_PREEMPTED, [{**_finish_params(d), "f_now": now, "f_to": d.state,
                                   "f_checkpoint": d.checkpoint or 0} for d in preempted]))
-    ended = [d for d in owned if d.state != JobState.QUEUED]
+    ended = [d for d in owned if d.state != JobState.QUEUED and d.outcome != Outcome.PREEMPTED]
     if ended:
         out.append((_ENDED, [{**_finish_params(d), **_ended_params(d), "f_now": now}
                              for d in ended]))

@@ -1,0 +1,101 @@
+"""The reconciler: jobs the database says are waiting or running, that nothing will run.
+
+Every ``ORCH_RECONCILE_INTERVAL_S`` it looks for two things, and re-publishes each job it finds
+at most once per check, recording why in ``job_events``:
+
+- **queued jobs whose message is gone.** Each way a job is put on its way (a queue message, a
+  batch buffer entry, a fair-turn list entry) records the job's attempt count in the Redis hash
+  ``orch:transport``; finishing removes it. A queued job due for longer than
+  ``ORCH_RECONCILE_GRACE_S`` whose entry is missing (Redis was flushed or restarted without
+  persistence) or older than its attempts (the retry's publish failed after the database
+  recorded it) has no message. The grace covers a submit between its row and its publish.
+- **running jobs whose lease expired** more than the grace ago (a worker lost, a hard
+  time-limit kill that acknowledged the message). The message goes out once per expired
+  attempt (``orch:takeover``); the claim takes the job over, or marks it dead when no attempt
+  is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY
+from orchestrator.db.deferral import lease_expired, queued_due, record_events
+from orchestrator.db.models import JobState
+from orchestrator.db.store import utcnow
+from orchestrator.services import Services
+from orchestrator.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """What one check did."""
+
+    republished: list[str] = field(default_factory=list)
+    taken_over: list[str] = field(default_factory=list)
+
+
+def _stale(client_values: Sequence[bytes | str | None], rows: Sequence[tuple[str, int]]
+           ) -> list[str]:
+    """Ids whose Redis entry is missing or records another attempt count than the row's."""
+    return [job_id for (job_id, attempt), value in zip(rows, client_values, strict=True)
+            if value is None or int(value) != attempt]
+
+
+class Reconciler:
+    """Finds and re-publishes jobs whose transport is gone; ``now`` is injectable."""
+
+    def __init__(self, services: Services, transport: Transport, *, grace_s: float,
+                 batch: int = 1000, limit: int = 200_000,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.services = services
+        self.transport = transport
+        self.grace = timedelta(seconds=grace_s)
+        self.batch = batch
+        self.limit = limit
+        self.clock = clock
+
+    def check(self, now: datetime | None = None) -> Report:
+        now = now or self.clock()
+        report = Report()
+        engine = self.services.engine
+        rows = queued_due(engine, now - self.grace, self.limit)
+        lost = self._without(TRANSPORT_KEY, rows)
+        if lost:
+            views = self.services.store.get_many(lost)
+            queued = [views[i] for i in lost if i in views and views[i].state == JobState.QUEUED]
+            report.republished = self.transport.send(queued)
+            record_events(engine, [
+                (j.id, "republished", f"broker message gone (attempts {j.attempts}, queued "
+                 f"since {j.queued_at.isoformat() if j.queued_at else '?'}); re-published")
+                for j in queued if j.id in set(report.republished)], now=now)
+        rows = lease_expired(engine, now - self.grace, self.limit)
+        expired = self._without(TAKEOVER_KEY, rows)
+        if expired:
+            views = self.services.store.get_many(expired)
+            running = [views[i] for i in expired
+                       if i in views and views[i].state == JobState.RUNNING]
+            report.taken_over = self.transport.take_over(running)
+            record_events(engine, [
+                (j.id, "takeover", f"lease of attempt {j.attempts} expired at "
+                 f"{j.lease_expires_at.isoformat() if j.lease_expires_at else '?'}; "
+                 "re-published for takeover") for j in running
+                if j.id in set(report.taken_over)], now=now)
+        if report.republished or report.taken_over:
+            log.warning("reconciler: re-published %d queued job(s) whose message was gone and "
+                        "%d running job(s) whose lease expired", len(report.republished),
+                        len(report.taken_over))
+        return report
+
+    def _without(self, key: str, rows: Sequence[tuple[str, int]]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(rows), self.batch):
+            part = rows[start:start + self.batch]
+            values = self.services.redis.hmget(key, [job_id for job_id, _ in part])
+            out.extend(_stale(values, part))
+        return out
