@@ -138,7 +138,9 @@ class Client:
         a timedelta from now) is the latest time the job may start; past it, it fails unrun.
         ``window`` names an off-peak window to wait for: the job is stored ``deferred`` and
         published when the scheduler sees the window open. By default the kind's own window
-        applies (when it admits the job's tier and kind); ``None`` runs the job now.
+        applies (when it admits the job's tier and kind); ``None`` runs the job now. A kind
+        declared ``BatchPolicy(chunked=True)`` (``index``, ``evaluate``) is submitted as a bulk
+        job (``submit_bulk``) over its bulk field, so it checkpoints and yields to higher tiers.
 
         Raises:
             UnknownKind: no imported module declares ``kind``.
@@ -158,6 +160,13 @@ class Client:
         _check_tenant(tenant)
         _check_key(idempotency_key)
         due = _parse_deadline(deadline)
+        if spec.batch is not None and spec.batch.chunked and spec.batch.bulk_field:
+            if due is not None:
+                raise InvalidOption(f"kind {kind!r} runs as a bulk job, which takes no deadline")
+            params = model.model_dump(mode="json")
+            items = params.pop(spec.batch.bulk_field)
+            return self.submit_bulk(kind, items, params=params, tier=chosen, tenant=tenant,
+                                    idempotency_key=idempotency_key, window=window)
         target = self.window_for(spec, chosen, window)
         policy = self.settings.policy(chosen)
         self._admit(chosen, tenant, idempotency_key, shed=target is None)

@@ -67,6 +67,9 @@ class BatchPolicy:
     chunk_size: int = 1024
     segment_size: int | None = None
     """Items per mini-batch of a bulk chunk (its preemption points); default one model call."""
+    chunked: bool = False
+    """A plain ``submit`` of this kind runs as a bulk job too: its ``bulk_field`` becomes the
+    items of checkpointed chunks that yield to higher tiers (long offline kinds: ``index``)."""
 
     def size(self, tier: TierPolicy) -> int:
         return self.max_batch_size or tier.max_batch_size

@@ -26,6 +26,7 @@ from orchestrator.errors import DimensionMismatch, InvalidOption, InvalidSource
 from orchestrator.results import decode_result
 from orchestrator.tiers import Tier
 from orchestrator.vector_index import VectorIndex, index_root
+from orchestrator.windows import KIND_DEFAULT, _KindDefault
 
 if TYPE_CHECKING:
     from orchestrator.client import Client, JobHandle
@@ -162,8 +163,12 @@ def _source_fields(source: str | dict[str, Any]) -> tuple[str, Any, Any]:
 
 def submit_index(client: Client, index: str, sources: Sequence[str | dict[str, Any]], *,
                  tenant: str = "default", idempotency_key: str | None = None,
-                 chunk_size: int | None = None, tier: Tier | str = Tier.OFFLINE) -> JobHandle:
+                 chunk_size: int | None = None, tier: Tier | str = Tier.OFFLINE,
+                 window: str | _KindDefault | None = KIND_DEFAULT) -> JobHandle:
     """Build or extend ``index`` from finished embed jobs, as a chunked, preemptible job.
+
+    Like every ``index`` job it waits for the kind's off-peak window (``offpeak``) unless
+    ``window`` names another, or None to run now.
 
     A source is an embed job id (a plain job, a bulk job, or one chunk of a bulk job) or
     ``{"job": id, "ids": [...], "metadata": [...]}`` with one id / JSON object per vector.
@@ -194,7 +199,7 @@ def submit_index(client: Client, index: str, sources: Sequence[str | dict[str, A
             items.append(unit.item())
     return client.submit_bulk("index", items, params={"index": index}, tier=tier,
                               tenant=tenant, chunk_size=chunk_size,
-                              idempotency_key=idempotency_key)
+                              idempotency_key=idempotency_key, window=window)
 
 
 # --- search ----------------------------------------------------------------------------------
@@ -256,8 +261,12 @@ def submit_evaluate(client: Client, *, index: str | None = None,
                     ks: Sequence[int] = DEFAULT_KS, score_model: str | None = None,
                     threshold: float | None = None, tenant: str = "default",
                     idempotency_key: str | None = None, chunk_size: int | None = None,
-                    tier: Tier | str = Tier.OFFLINE) -> JobHandle:
+                    tier: Tier | str = Tier.OFFLINE,
+                    window: str | _KindDefault | None = KIND_DEFAULT) -> JobHandle:
     """Evaluate retrieval on ``index`` and/or the scoring models, as a chunked offline job.
+
+    It waits for the kind's off-peak window (``offpeak``) unless ``window`` names another, or
+    None to run now.
 
     ``queries``: ``{"query": text | "vector": [..], "relevant": [ids]}`` items; ``rows``:
     ``{"row": [features], "label": int}`` items. Each is a list, any iterable, or the path of a
@@ -279,7 +288,8 @@ def submit_evaluate(client: Client, *, index: str | None = None,
         params["threshold"] = threshold
     items = itertools.chain(_dim_checked(_items(queries), index or "", dim), _items(rows))
     return client.submit_bulk("evaluate", items, params=params, tier=tier, tenant=tenant,
-                              chunk_size=chunk_size, idempotency_key=idempotency_key)
+                              chunk_size=chunk_size, idempotency_key=idempotency_key,
+                              window=window)
 
 
 def summarize(rows: Iterable[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -12,16 +13,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator import Client, JobFailed
+from orchestrator import Client, JobFailed, retrieval
 from orchestrator.client import JobHandle
 from orchestrator.db.models import jobs
 from orchestrator.errors import DimensionMismatch, InvalidSource, UnknownIndex
-from orchestrator.retrieval import (
-    evaluation_report,
-    submit_evaluate,
-    submit_index,
-    submit_search,
-)
+from orchestrator.retrieval import evaluation_report, submit_search
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -36,6 +32,10 @@ TEXTS = ["the cat sleeps on the red house", "a dog runs in the rain", "a bird fl
          "a big plane at the city", "a small boat on the river", "the green tree and the sun",
          "blue snow in the city", "search query for a document", "fraud score of the payment",
          "the model reads an invoice", "the cat eats a fish"]
+
+# index and evaluate jobs wait for the offpeak window by default; these tests run them now.
+submit_index = functools.partial(retrieval.submit_index, window=None)
+submit_evaluate = functools.partial(retrieval.submit_evaluate, window=None)
 
 
 @pytest.fixture
@@ -284,11 +284,13 @@ def test_bad_retrieval_inputs_are_refused_at_the_edge_and_change_nothing(
     runtime.execute_batch("search", "nope", "interactive", "bad-search")
     with pytest.raises(JobFailed, match="UnknownIndex"):
         lost.result(timeout=1)
-    wrong = client.submit("index", {"index": "docs", "sources": [{"job": echo.id}]})
-    runtime.execute_batch("index", "docs", "offline", "bad-index")
+    wrong = client.submit("index", {"index": "docs", "sources": [{"job": echo.id}]},
+                          window=None)
+    [chunk] = client.chunks(wrong.id)  # a plain submit of a chunked kind is a bulk job
+    assert runtime.execute(chunk.id) == "failed"
     with pytest.raises(JobFailed, match="InvalidSource"):
         wrong.result(timeout=1)
-    assert lost.job().attempts == 1 and wrong.job().attempts == 1
+    assert lost.job().attempts == 1 and client.get(chunk.id).attempts == 1
     assert (index.manifest().count, index.manifest().version) == (3, 1)
 
 
@@ -317,3 +319,17 @@ def test_embed_index_and_search_through_real_workers(
     assert again["version"] == 2 and again["hits"][0][0]["id"] == f"{extra.id}:0"
     manifest = VectorIndex(index_root(client.settings.state_dir), "docs").manifest()
     assert manifest.count == 15 and len(manifest.sources) == 5
+
+
+def test_index_and_evaluate_wait_for_the_offpeak_window_unless_told_otherwise(
+    client: Client, runtime: Runtime, models: Path
+) -> None:
+    docs = _embed(client, runtime, ["alpha", "beta"])
+    deferred = retrieval.submit_index(client, "docs", [docs.id])
+    plain = client.submit("index", {"index": "docs", "sources": [{"job": docs.id}]})
+    for handle in (deferred, plain):
+        chunks = client.chunks(handle.id)
+        assert chunks and {c.state for c in chunks} == {"deferred"}
+        assert {c.window for c in chunks} == {"offpeak"}
+    now = client.submit("index", {"index": "docs", "sources": [{"job": docs.id}]}, window=None)
+    assert {c.state for c in client.chunks(now.id)} == {"queued"}

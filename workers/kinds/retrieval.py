@@ -127,8 +127,8 @@ def _index_one(res: RetrievalResources, payload: IndexPayload) -> list[dict[str,
 @kind(
     "index", schema=IndexPayload, tier="offline", max_attempts=3,
     batch=BatchPolicy(key=lambda p: p.index, bulk_field="sources", chunk_size=256,
-                      segment_size=8),
-    setup=setup_index,
+                      segment_size=8, chunked=True),
+    setup=setup_index, window="offpeak",
 )
 def index(payloads: list[IndexPayload], ctx: JobContext) -> list[Any]:
     """Add finished embed jobs' vectors to a named index; one result row per source."""
@@ -300,8 +300,8 @@ def _evaluate_one(res: RetrievalResources, p: EvaluatePayload) -> list[dict[str,
 @kind(
     "evaluate", schema=EvaluatePayload, tier="offline", max_attempts=3,
     batch=BatchPolicy(key=lambda p: f"{p.index}|{p.score_model}@{p.threshold:g}",
-                      bulk_field="items", chunk_size=1024, segment_size=64),
-    setup=setup_search,
+                      bulk_field="items", chunk_size=1024, segment_size=64, chunked=True),
+    setup=setup_search, window="offpeak",
 )
 def evaluate(payloads: list[EvaluatePayload], ctx: JobContext) -> list[Any]:
     """One result row per item: the rank of a query's relevant ids, or a row's correctness."""
