@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from orchestrator.costs.charge import Accountant, Charge
 from orchestrator.db.models import JobState, Outcome, UTCDateTime, attempts, jobs, utcnow
 from orchestrator.tiers import Tier
 
@@ -91,7 +92,9 @@ class Transitions:
     """The worker's side of the job store."""
 
     engine: Engine
-
+    #: prices and charges jobs as they end (``orchestrator.costs``); ``Services`` sets the
+    #: deployment's price table
+    accountant: Accountant = Accountant()
 
     def claim(self, job_id: str, worker: str, lease_s: Mapping[Tier, float], *,
               now: datetime | None = None) -> Claim | None:
@@ -213,6 +216,9 @@ class Transitions:
             if parents:
                 _advance_parents(conn, parents, now)
             owned_ids = {d.claim.job_id for d in owned}
+            costs = self.accountant.attempt_costs(conn, [
+                (d.claim.job_id, d.claim.attempt, d.claim.tier, d.cpu_seconds, d.wall_seconds)
+                for d in done])
             conn.execute(
                 update(attempts).where(and_(
                     attempts.c.job_id == bindparam("a_job"),
@@ -220,20 +226,25 @@ class Transitions:
                 )).values(
                     outcome=bindparam("a_outcome"), finished_at=now, error=bindparam("a_error"),
                     cpu_seconds=bindparam("a_cpu"), wall_seconds=bindparam("a_wall"),
+                    cost=bindparam("a_cost"),
                 ),
                 [
                     {"a_job": d.claim.job_id, "a_number": d.claim.attempt,
                      "a_outcome": d.outcome if d.claim.job_id in owned_ids
                      else _displaced(current.get(d.claim.job_id)),
-                     "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds}
-                    for d in done
+                     "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds,
+                     "a_cost": cost}
+                    for d, cost in zip(done, costs, strict=True)
                 ],
             )
+            charges = self.accountant.charge(conn, ids)  # jobs that ended: cost, written once
+        self.accountant.committed(charges)
         return owned_ids
 
     def mark_dead_if_exhausted(self, job_id: str, *, now: datetime | None = None) -> bool:
         """A running job whose lease expired with no attempts left is dead (its worker was lost)."""
         now = now or utcnow()
+        charges: list[Charge] = []
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(jobs)
@@ -253,6 +264,8 @@ class Transitions:
                     .values(outcome=Outcome.LOST, finished_at=now,
                             error="lease expired: worker lost")
                 )
+                charges = self.accountant.charge(conn, [job_id])
+        self.accountant.committed(charges)
         return done
 
 
