@@ -9,7 +9,15 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from orchestrator.cli import db_cmd, demo_cmd, jobs_cmd, models_cmd, tenants_cmd, worker_cmd
+from orchestrator.cli import (
+    costs_cmd,
+    db_cmd,
+    demo_cmd,
+    jobs_cmd,
+    models_cmd,
+    tenants_cmd,
+    worker_cmd,
+)
 from orchestrator.errors import OrchestratorError
 
 app = typer.Typer(
@@ -25,6 +33,8 @@ app.add_typer(models_cmd.app, name="models")
 app.add_typer(tenants_cmd.app, name="tenants")
 app.command("worker")(worker_cmd.worker)
 app.command("demo")(demo_cmd.demo)
+app.command("costs")(costs_cmd.costs)
+app.command("prices")(costs_cmd.prices)
 
 err = Console(stderr=True)
 
