@@ -11,6 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.costs import PriceTable
+from orchestrator.costs.breakdown import explain
+from orchestrator.costs.render import breakdown_text
 from orchestrator.db.models import JobState
 from orchestrator.db.store import AttemptView, JobStore, JobView
 from orchestrator.errors import InvalidOption, JobNotFound
@@ -24,8 +27,8 @@ out = Console()
 
 
 @contextmanager
-def _store() -> Iterator[JobStore]:
-    engine = open_database(Settings.from_env())
+def _store(settings: Settings | None = None) -> Iterator[JobStore]:
+    engine = open_database(settings or Settings.from_env())
     try:
         yield JobStore(engine)
     finally:
@@ -78,16 +81,22 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="the job and its attempts as JSON"),
 ) -> None:
     """Show one job: state, timings, cost columns, result or error, and every attempt."""
-    with _store() as store:
+    settings = Settings.from_env()
+    prices = PriceTable.from_config(settings.config())
+    with _store(settings) as store:
         job = store.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
         tries = store.attempts(job_id)
+        breakdown = explain(store.engine, job_id, prices)
     if as_json:
-        typer.echo(json.dumps({**job.to_json(), "attempt_log": [a.to_json() for a in tries]},
+        typer.echo(json.dumps({**job.to_json(), "attempt_log": [a.to_json() for a in tries],
+                               "cost_breakdown": breakdown and breakdown.to_json()},
                               indent=2))
         return
     _print_job(job, tries)
+    if breakdown is not None:
+        out.print(breakdown_text(breakdown, prices.currency))
 
 
 def _print_job(job: JobView, tries: list[AttemptView]) -> None:
@@ -103,7 +112,7 @@ def _print_job(job: JobView, tries: list[AttemptView]) -> None:
         ("deadline", _fmt_time(job.deadline)), ("lease until", _fmt_time(job.lease_expires_at)),
         ("queue seconds", _fmt_s(job.queue_seconds)), ("cpu seconds", _fmt_s(job.cpu_seconds)),
         ("wall seconds", _fmt_s(job.wall_seconds)), ("items", str(job.items)),
-        ("cost", "-" if job.cost is None else str(job.cost)),
+        ("cost", "-" if job.cost is None else f"{job.cost:f}"),
     ]
     if job.items_total is not None:
         rows.append(("progress", f"{job.items_done} / {job.items_total}"))

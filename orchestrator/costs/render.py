@@ -10,6 +10,7 @@ from decimal import Decimal
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.costs.breakdown import Breakdown
 from orchestrator.costs.prices import PriceTable
 from orchestrator.costs.report import CostReport, CostRow
 from orchestrator.tiers import TIER_ORDER
@@ -155,3 +156,33 @@ currency {html.escape(first.currency)}{tenant}. Totals are the exact sums of the
 <tbody>{price_rows}</tbody></table>
 </body></html>
 """
+
+
+def breakdown_text(b: Breakdown, currency: str) -> Table:
+    """``jobs show``: each attempt's charge, the item charge, and the total."""
+    title = f"cost ({currency}): {'-' if b.cost is None else f'{b.cost:f}'}"
+    table = Table(title=title, header_style="bold")
+    for column in ("", "cpu s", "wall s", "window", "multiplier", "cost"):
+        table.add_column(column, justify="left" if column in ("", "window") else "right")
+    for a in b.attempts:
+        table.add_row(
+            f"attempt {a.number} ({a.outcome})",
+            "-" if a.cpu_seconds is None else f"{a.cpu_seconds:.6f}",
+            "-" if a.wall_seconds is None else f"{a.wall_seconds:.6f}",
+            a.window or "-", "1 (peak)" if a.multiplier is None else f"{a.multiplier:f}",
+            "-" if a.cost is None else f"{a.cost:f}")
+    if b.item_charge is not None:
+        table.add_row(f"{b.items} item(s) of model {b.model or '-'}", "", "", "", "",
+                      f"{b.item_charge:f}")
+    if b.chunks:
+        table.add_row(f"{b.chunks_charged} of {b.chunks} chunks charged", "", "", "", "",
+                      "-" if b.cost is None else f"{b.cost:f}")
+    table.caption = (
+        f"{b.tier} tier: {b.cpu_hour_price} per CPU-hour, {b.wall_hour_price} per wall-hour "
+        "(prices now); an attempt costs (cpu s x CPU-hour price + wall s x wall-hour price) "
+        "/ 3600 x multiplier, rounded half-even to 1e-8")
+    if b.batch_id is not None:
+        share = "-" if b.batch_share is None else f"{100 * b.batch_share:.1f}%"
+        table.caption += (f"; ran in batch {b.batch_id} of {b.batch_size} job(s), "
+                          f"with {share} of its CPU")
+    return table
