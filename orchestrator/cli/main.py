@@ -16,6 +16,7 @@ from orchestrator.cli import (
     jobs_cmd,
     models_cmd,
     tenants_cmd,
+    top_cmd,
     worker_cmd,
 )
 from orchestrator.errors import OrchestratorError
@@ -35,6 +36,7 @@ app.command("worker")(worker_cmd.worker)
 app.command("demo")(demo_cmd.demo)
 app.command("costs")(costs_cmd.costs)
 app.command("prices")(costs_cmd.prices)
+app.command("top")(top_cmd.top)
 
 err = Console(stderr=True)
 

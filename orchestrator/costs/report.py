@@ -148,7 +148,7 @@ def _filters(table: Any, since: datetime, until: datetime, tenant: str | None) -
     return and_(*conditions)
 
 
-def _p95(conn: Connection, key: Any, where: Any) -> dict[str, float]:
+def queue_wait_p95(conn: Connection, key: Any, where: Any) -> dict[str, float]:
     """Nearest-rank p95 of queue seconds per key: the smallest value with rank >= 0.95 n."""
     ranked = (
         select(key.label("k"), jobs.c.queue_seconds.label("q"),
@@ -193,8 +193,8 @@ def cost_report(engine: Engine, *, by: str = "tenant", since: datetime,
                 .where(_filters(parent, since, until, tenant))
                 .group_by(group_key(parent, by, dialect)))
         }
-        p95 = _p95(conn, key, where)
-        p95_total = _p95(conn, literal("total"), where).get("total")
+        p95 = queue_wait_p95(conn, key, where)
+        p95_total = queue_wait_p95(conn, literal("total"), where).get("total")
     rows = []
     for k, count, items, cpu, cost, retries, preemptions in main:
         extra = in_chunks.get(str(k), (0, 0))
