@@ -14,6 +14,7 @@ from orchestrator.cli import (
     db_cmd,
     demo_cmd,
     jobs_cmd,
+    metrics_cmd,
     models_cmd,
     tenants_cmd,
     top_cmd,
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(jobs_cmd.app, name="jobs")
+app.add_typer(metrics_cmd.app, name="metrics")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(tenants_cmd.app, name="tenants")
 app.command("worker")(worker_cmd.worker)
