@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, and_, case, cast, func, literal, select
+from sqlalchemy import Integer, and_, case, cast, func, literal_column, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import aliased
 
@@ -125,12 +125,15 @@ def group_key(table: Any, by: str, dialect: str) -> Any:
     """The SQL expression a report groups by (``NONE_KEY`` where a job has no value)."""
     if by in ("tenant", "kind", "tier"):
         return table.c[by]
+    # Constants are inlined, not bound: PostgreSQL only matches a GROUP BY expression to the
+    # selected one when they are identical, and two bind parameters are not.
     if by in ("window", "model"):
-        return func.coalesce(table.c[by], NONE_KEY)
+        return func.coalesce(table.c[by], literal_column(f"'{NONE_KEY}'"))
     if by == "day":
         if dialect == "sqlite":  # stored as naive UTC text
-            return func.strftime("%Y-%m-%d", table.c.created_at)
-        return func.to_char(func.timezone("UTC", table.c.created_at), "YYYY-MM-DD")
+            return func.strftime(literal_column("'%Y-%m-%d'"), table.c.created_at)
+        return func.to_char(func.timezone(literal_column("'UTC'"), table.c.created_at),
+                            literal_column("'YYYY-MM-DD'"))
     raise InvalidOption(f"--by {by!r}: choose from {', '.join(GROUPS)}")
 
 
@@ -194,7 +197,7 @@ def cost_report(engine: Engine, *, by: str = "tenant", since: datetime,
                 .group_by(group_key(parent, by, dialect)))
         }
         p95 = queue_wait_p95(conn, key, where)
-        p95_total = queue_wait_p95(conn, literal("total"), where).get("total")
+        p95_total = queue_wait_p95(conn, literal_column("'total'"), where).get("total")
     rows = []
     for k, count, items, cpu, cost, retries, preemptions in main:
         extra = in_chunks.get(str(k), (0, 0))
