@@ -93,27 +93,27 @@ class Accountant:
         if not job_ids:
             return []
         chunk = aliased(jobs)
-        rows = conn.execute(
+        found = conn.execute(  # one round trip: the jobs to charge and their attempts
             select(jobs.c.id, jobs.c.tenant, jobs.c.kind, jobs.c.tier, jobs.c.payload,
-                   jobs.c["items"], jobs.c.parent_id)
+                   jobs.c["items"], jobs.c.parent_id, attempts.c.outcome,
+                   attempts.c.cost.label("attempt_cost"))
+            .select_from(jobs.outerjoin(attempts, attempts.c.job_id == jobs.c.id))
             .where(and_(
                 jobs.c.id.in_(list(job_ids)), jobs.c.cost.is_(None),
                 jobs.c.state.in_(JobState.TERMINAL),
                 ~exists().where(chunk.c.parent_id == jobs.c.id),
             ))
         ).all()
-        if not rows:
+        if not found:
             return []
+        rows = list({row.id: row for row in found}.values())
         spent: dict[str, Decimal | None] = {row.id: Decimal(0) for row in rows}
-        for a in conn.execute(
-            select(attempts.c.job_id, attempts.c.outcome, attempts.c.cost)
-            .where(attempts.c.job_id.in_(list(spent)))
-        ):
-            so_far = spent[a.job_id]
+        for a in found:
+            so_far = spent[a.id]
             if a.outcome == Outcome.RUNNING or so_far is None:
-                spent[a.job_id] = None
+                spent[a.id] = None
             else:
-                spent[a.job_id] = so_far + (a.cost or Decimal(0))
+                spent[a.id] = so_far + (a.attempt_cost or Decimal(0))
         charges: list[Charge] = []
         parents: dict[str, Decimal] = {}
         for row in rows:
