@@ -20,6 +20,7 @@ blip into an outage; the job waits durably for a worker), and only the backlog c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +38,8 @@ from orchestrator.tiers import PRIORITY_STEPS, Tier, TierPolicy
 log = logging.getLogger(__name__)
 
 SERVICE_KEY = "orch:svc"
+#: Hash ``<tier>:<reason>`` -> submits refused with ``Overloaded`` (for ``top`` and metrics).
+SHEDS_KEY = "orch:sheds"
 WORKERS_SET = "orch:workers"
 WORKER_KEY_PREFIX = "orch:workers:"
 
@@ -194,8 +197,20 @@ class Admission:
             log.info("refused a %s submit (%s): backlog %d, est. wait %s, retry after %gs",
                      tier.value, refusal.reason, load.backlog, load.estimated_wait_s,
                      refusal.retry_after)
+            with contextlib.suppress(redis.RedisError):  # a statistic: never fail the caller
+                self.redis.hincrby(SHEDS_KEY, f"{tier.value}:{refusal.reason}", 1)
             raise refusal
         return load
+
+
+def read_sheds(client: redis.Redis) -> dict[tuple[str, str], int]:
+    """(tier, reason) -> submits refused with ``Overloaded`` since Redis last lost its data."""
+    out: dict[tuple[str, str], int] = {}
+    for field, value in client.hgetall(SHEDS_KEY).items():
+        name = field.decode() if isinstance(field, bytes) else str(field)
+        tier, _, reason = name.partition(":")
+        out[(tier, reason)] = int(value)
+    return out
 
 
 def _slots(tier: Tier, entries: list[bytes | str]) -> int:

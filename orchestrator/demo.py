@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
@@ -226,6 +227,10 @@ def _submit_and_follow(client: Client, rng: random.Random, console: Console,
     return handles, duplicates_ok, refused
 
 
+def _cost(jobs: list[JobView]) -> Decimal:
+    return sum((j.cost or Decimal(0) for j in jobs), Decimal(0))
+
+
 def _print_summary(console: Console, jobs: list[JobView], duplicates_ok: bool, refused: bool,
                    elapsed: float) -> None:
     by_tier: dict[str, list[JobView]] = defaultdict(list)
@@ -248,11 +253,12 @@ def _print_summary(console: Console, jobs: list[JobView], duplicates_ok: bool, r
         )
     console.print(table)
     tenants = Table(title="jobs per tenant", header_style="bold")
-    for column in ("tenant", "jobs", "cpu s"):
+    for column in ("tenant", "jobs", "cpu s", "cost"):
         tenants.add_column(column)
     for tenant in TENANTS:
         group = [j for j in jobs if j.tenant == tenant]
-        tenants.add_row(tenant, str(len(group)), f"{sum(j.cpu_seconds for j in group):.2f}")
+        tenants.add_row(tenant, str(len(group)), f"{sum(j.cpu_seconds for j in group):.2f}",
+                        f"{_cost(group):f}")
     console.print(tenants)
     batched = [j for j in jobs if j.kind in ("embed", "score") and j.batch_size]
     if batched:
@@ -270,6 +276,9 @@ def _print_summary(console: Console, jobs: list[JobView], duplicates_ok: bool, r
         if job.items_total is not None and job.parent_id is None:
             console.print(f"bulk {job.kind} job {job.id}: {job.items_done}/{job.items_total} "
                           f"items, {job.cpu_seconds:.2f} CPU s, results in {job.result_ref}")
+    console.print(f"cost of this run: {_cost(jobs):f} (every job charged when it ended; "
+                  "`orchestrator costs --by tenant` or `--by kind` for the full report, "
+                  "`orchestrator jobs show ID` for one job's)")
     console.print(
         f"total CPU seconds {sum(j.cpu_seconds for j in jobs):.2f} over {len(jobs)} jobs in "
         f"{elapsed:.1f}s; idempotent resubmits returned the same jobs: "

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from orchestrator.errors import ServiceUnavailable
@@ -20,7 +20,8 @@ from orchestrator.settings import Settings
 
 
 class LocalWorker:
-    """One ``orchestrator worker`` process; its output goes to ``log``."""
+    """One ``orchestrator worker`` process; its output goes to ``log``; ``args`` are more
+    ``orchestrator worker`` options (e.g. ``--metrics-port``)."""
 
     def __init__(
         self,
@@ -32,6 +33,7 @@ class LocalWorker:
         log: Path,
         loglevel: str = "INFO",
         extra_env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.log = log
@@ -42,7 +44,8 @@ class LocalWorker:
         with open(log, "wb") as sink:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator", "worker", "--tiers", tiers,
-                 "--concurrency", str(concurrency), "--loglevel", loglevel, "--hostname", name],
+                 "--concurrency", str(concurrency), "--loglevel", loglevel, "--hostname", name,
+                 *args],
                 stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 

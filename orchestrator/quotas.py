@@ -19,9 +19,10 @@ Three quotas, each off while its column on ``tenants`` is NULL:
 - **monthly budget** (``monthly_budget``): the sum of ``jobs.cost`` of the tenant's submissions
   created this calendar month (UTC) refuses new work once it reaches the budget. The sum is
   cached in Redis for ``SPEND_CACHE_S`` so a busy tenant does not re-sum its month on every
-  submit. Costs are written as jobs are accounted; a job without a cost yet (NULL) adds nothing,
-  so until costs are filled in the budget never trips. A bulk job's cost is read from its parent
-  row, into which its chunks' accounting adds up (as their CPU seconds already do).
+  submit. Costs are written when jobs end (``orchestrator.costs``); a job still queued or
+  running has no cost yet and adds nothing until it ends, so a tenant can overshoot its budget
+  by the work in flight when it is reached. A bulk job's cost is read from its parent row, into
+  which each chunk's cost is added as the chunk ends (as their CPU seconds are).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import Engine, and_, bindparam, func, select, update
 
+from orchestrator.costs.report import exact_sum, money_from_sum
 from orchestrator.db.models import JobState, jobs, tenants
 from orchestrator.db.store import _insert_ignore, utcnow
 from orchestrator.errors import InvalidOption, QuotaExceeded, ServiceUnavailable
@@ -207,11 +209,12 @@ class TenantStore:
     def spend(self, tenant: str, *, now: datetime | None = None) -> Decimal:
         """The cost of the tenant's submissions created this calendar month (UTC)."""
         since = month_start(now or utcnow())
-        query = select(func.sum(jobs.c.cost)).where(and_(
+        dialect = self.engine.dialect.name
+        query = select(exact_sum(jobs.c.cost, dialect)).where(and_(
             jobs.c.tenant == tenant, jobs.c.created_at >= since, jobs.c.parent_id.is_(None)))
         with self.engine.connect() as conn:
             total = conn.execute(query).scalar_one()
-        return Decimal(total or 0)
+        return money_from_sum(total, dialect).normalize()
 
 
 def _validate(q: TenantQuotas) -> None:

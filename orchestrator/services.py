@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY, make_celery
+from orchestrator.costs import Accountant, PriceTable, default_models
 from orchestrator.db.engine import make_engine
 from orchestrator.db.migrate import current_revision, head_revision, upgrade
 from orchestrator.db.store import JobStore
@@ -49,10 +50,13 @@ class Services:
         been migrated with ``orchestrator db upgrade``.
 
         Raises:
-            ConfigurationError: the database is not migrated, or a kinds module fails to import.
+            ConfigurationError: the database is not migrated, a kinds module fails to import, or
+                the config file's price table is invalid.
             ServiceUnavailable: the database or Redis does not answer.
         """
         kinds = (kinds or registry).load(settings.all_imports())
+        accountant = Accountant(PriceTable.from_config(settings.config()),
+                                default_models(kinds.specs()))
         embedded = EmbeddedRedis(settings.state_dir) if settings.embedded_broker else None
         if embedded is not None:
             embedded.attach()
@@ -70,8 +74,10 @@ class Services:
             if embedded is not None:
                 embedded.detach()
             raise
+        store = JobStore(engine)
+        store.accountant = accountant
         return cls(
-            settings=settings, engine=engine, store=JobStore(engine), redis=client,
+            settings=settings, engine=engine, store=store, redis=client,
             celery=make_celery(settings), kinds=kinds, embedded=embedded,
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -19,6 +20,8 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from orchestrator.batching import BATCH_TASK
 from orchestrator.broker import RUN_TASK, make_celery
 from orchestrator.embedded import EmbeddedRedis
+from orchestrator.metrics import ENV as METRICS_ENV
+from orchestrator.metrics import mark_process_dead, serve
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -43,6 +46,7 @@ class _ProcessRuntime:
         self.runtime.setup_kinds()
 
     def stop(self, **_: Any) -> None:
+        mark_process_dead(os.getpid())
         if self.runtime is not None:
             # Detaching from the embedded Redis is the parent's job; children only disconnect.
             self.runtime.services.embedded = None
@@ -75,12 +79,15 @@ def make_worker_app(settings: Settings, *, worker_name: str | None = None) -> Ce
 
 
 def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
-               loglevel: str = "INFO", hostname: str | None = None) -> int:
+               loglevel: str = "INFO", hostname: str | None = None,
+               metrics_port: int | None = None) -> int:
     """Run a worker serving ``tiers`` in that order until it is told to stop; return its code.
 
     A free slot takes a message from the first listed tier that has one (and, within Redis,
     from the best priority step first; each tier owns one step, so the orders agree). While it
-    runs, the main process registers its slots for admission control (``workers.registry``).
+    runs, the main process registers its slots for admission control (``workers.registry``)
+    and, with ``metrics_port``, serves the pool's Prometheus metrics (``orchestrator.metrics``;
+    the caller has run ``prepare_multiprocess_dir`` before anything imported prometheus_client).
     """
     embedded = EmbeddedRedis(settings.state_dir) if settings.embedded_broker else None
     if embedded is not None:
@@ -100,12 +107,17 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
             without_heartbeat=True,
             optimization="fair",
         )
+        server = None
+        if metrics_port is not None:
+            server = serve(metrics_port, multiprocess_dir=Path(os.environ[METRICS_ENV]))
         registry = redis.Redis.from_url(settings.redis_url(), socket_connect_timeout=5)
         try:
             with Heartbeat(registry, name, tiers, concurrency):
                 worker.start()
         finally:
             registry.close()
+            if server is not None:
+                server.shutdown()
         return int(worker.exitcode or 0)
     finally:
         if embedded is not None:

@@ -27,6 +27,7 @@ from orchestrator.db.store import Claim, Finish, utcnow
 from orchestrator.errors import PermanentError, SubmitError, UnknownKind
 from orchestrator.fairness import FairDispatcher
 from orchestrator.kinds import KindSpec
+from orchestrator.metrics import WorkerMetrics
 from orchestrator.results import ResultStore, encode_array
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -63,6 +64,10 @@ class Runtime:
         self._rng = random.Random()
         self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
         self.leases = LeaseKeeper(services.store)
+        self.metrics = WorkerMetrics()
+        store = services.store
+        store.accountant = replace(store.accountant,
+                                   observers=(*store.accountant.observers, self.metrics.charged))
 
     def setup_kinds(self) -> None:
         """Make each kind's process resources (model sessions, tokenizers) once."""
@@ -164,6 +169,7 @@ class Runtime:
         finishes = [self._to_finish(outcomes, *item) for item in outcomes.items]
         owned = self.services.store.finish_many(finishes)
         record: Callable[[Any], None] | None = None
+        self.metrics.record(finishes, owned)
         if finishes:  # slot seconds per job, claim to finish: admission control's estimate
             started = min(f.claim.started_at for f in finishes)
             seconds, tier = (utcnow() - started).total_seconds(), finishes[0].claim.tier

@@ -11,6 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.costs import PriceTable
+from orchestrator.costs.breakdown import explain
+from orchestrator.costs.render import breakdown_text
 from orchestrator.db.deferral import events
 from orchestrator.db.models import JobState
 from orchestrator.db.store import AttemptView, JobStore, JobView, utcnow
@@ -26,8 +29,8 @@ out = Console()
 
 
 @contextmanager
-def _store() -> Iterator[JobStore]:
-    engine = open_database(Settings.from_env())
+def _store(settings: Settings | None = None) -> Iterator[JobStore]:
+    engine = open_database(settings or Settings.from_env())
     try:
         yield JobStore(engine)
     finally:
@@ -83,22 +86,27 @@ def show(
 ) -> None:
     """Show one job: state, timings, cost columns, result or error, and every attempt."""
     settings = Settings.from_env()
-    with _store() as store:
+    prices = PriceTable.from_config(settings.config())
+    with _store(settings) as store:
         job = store.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
         tries = store.attempts(job_id)
         notes = events(store.engine, job_id)
         eligible = next_eligible(job, WindowCatalog(store.engine, settings), utcnow())
+        breakdown = explain(store.engine, job_id, prices)
     if as_json:
         typer.echo(json.dumps({
             **job.to_json(), "next_eligible": eligible[0].isoformat() if eligible[0] else None,
             "eligibility": eligible[1],
             "attempt_log": [a.to_json() for a in tries],
             "events": [{"at": at.isoformat(), "event": ev, "detail": d} for at, ev, d in notes],
+            "cost_breakdown": breakdown and breakdown.to_json(),
         }, indent=2))
         return
     _print_job(job, tries, eligible[1])
+    if breakdown is not None:
+        out.print(breakdown_text(breakdown, prices.currency))
     if notes:
         log = Table(title="events", header_style="bold")
         for column in ("at", "event", "detail"):
@@ -121,7 +129,7 @@ def _print_job(job: JobView, tries: list[AttemptView], eligibility: str | None) 
         ("deadline", _fmt_time(job.deadline)), ("lease until", _fmt_time(job.lease_expires_at)),
         ("queue seconds", _fmt_s(job.queue_seconds)), ("cpu seconds", _fmt_s(job.cpu_seconds)),
         ("wall seconds", _fmt_s(job.wall_seconds)), ("items", str(job.items)),
-        ("cost", "-" if job.cost is None else str(job.cost)),
+        ("cost", "-" if job.cost is None else f"{job.cost:f}"),
     ]
     if job.window:
         rows.append(("window", job.window))

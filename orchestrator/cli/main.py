@@ -10,13 +10,16 @@ import typer
 from rich.console import Console
 
 from orchestrator.cli import (
+    costs_cmd,
     db_cmd,
     demo_cmd,
     jobs_cmd,
+    metrics_cmd,
     models_cmd,
     scheduler_cmd,
     schedules_cmd,
     tenants_cmd,
+    top_cmd,
     windows_cmd,
     worker_cmd,
 )
@@ -31,6 +34,7 @@ app = typer.Typer(
 )
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(jobs_cmd.app, name="jobs")
+app.add_typer(metrics_cmd.app, name="metrics")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(tenants_cmd.app, name="tenants")
 app.add_typer(windows_cmd.app, name="windows")
@@ -38,6 +42,9 @@ app.add_typer(schedules_cmd.app, name="schedules")
 app.command("worker")(worker_cmd.worker)
 app.command("scheduler")(scheduler_cmd.scheduler)
 app.command("demo")(demo_cmd.demo)
+app.command("costs")(costs_cmd.costs)
+app.command("prices")(costs_cmd.prices)
+app.command("top")(top_cmd.top)
 
 err = Console(stderr=True)
 

@@ -148,6 +148,8 @@ class Job(Base):
         # Counts a tenant's in-flight submissions per tier from the index alone.
         Index("ix_jobs_tenant_tier_state", "tenant", "tier", "state", "parent_id"),
         Index("ix_jobs_state_window", "state", "window"),
+        # Cost reports and `top` read a time range of jobs.
+        Index("ix_jobs_created_at", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -183,6 +185,8 @@ class Job(Base):
     cost: Mapped[Decimal | None] = mapped_column(Numeric(18, 8))
     #: the window this job waits for (state ``deferred``) or runs in; NULL: no window
     window: Mapped[str | None] = mapped_column(String(64))
+    #: the model the job was priced by (``orchestrator.costs``); NULL for kinds without one
+    model: Mapped[str | None] = mapped_column(String(128))
 
 
 class Attempt(Base):
@@ -202,6 +206,8 @@ class Attempt(Base):
     #: the window this attempt ran inside and its price multiplier then (NULL: peak price)
     window: Mapped[str | None] = mapped_column(String(64))
     price_multiplier: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    #: what this attempt's compute was charged (``orchestrator.costs``); NULL until charged
+    cost: Mapped[Decimal | None] = mapped_column(Numeric(18, 8))
 
 
 class Schedule(Base):

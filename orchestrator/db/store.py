@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from orchestrator.costs.charge import Charge
 from orchestrator.db.models import JobState, UTCDateTime, attempts, jobs, tenants, utcnow
 from orchestrator.db.transitions import Claim, Finish, Transitions, complete_parent
 
@@ -276,6 +277,7 @@ class JobStore(Transitions):
     def cancel(self, job_id: str, *, now: datetime | None = None) -> bool:
         """Cancel a job that has not finished. A running attempt's result is then discarded."""
         now = now or utcnow()
+        charges: list[Charge] = []
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(jobs)
@@ -288,6 +290,8 @@ class JobStore(Transitions):
                     .where(and_(jobs.c.parent_id == job_id, jobs.c.state.in_(JobState.ACTIVE)))
                     .values(state=JobState.CANCELLED, finished_at=now, lease_expires_at=None)
                 )
+                charges = self.accountant.charge_tree(conn, job_id)  # what already ran
+        self.accountant.committed(charges)
         return result.rowcount == 1
 
     # --- bulk jobs ---------------------------------------------------------------------------

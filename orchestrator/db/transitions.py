@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from orchestrator.costs.charge import Accountant, Charge, job_model
 from orchestrator.db.models import JobState, Outcome, UTCDateTime, attempts, jobs, utcnow
 from orchestrator.tiers import Tier
 
@@ -97,7 +98,9 @@ class Transitions:
     """The worker's side of the job store."""
 
     engine: Engine
-
+    #: prices and charges jobs as they end (``orchestrator.costs``); ``Services`` sets the
+    #: deployment's price table
+    accountant: Accountant = Accountant()
 
     def claim(self, job_id: str, worker: str, lease_s: Mapping[Tier, float], *,
               now: datetime | None = None) -> Claim | None:
@@ -201,28 +204,59 @@ class Transitions:
             if parents:
                 _advance_parents(conn, parents, now)
             owned_ids = {d.claim.job_id for d in owned}
+            costs = self.accountant.attempt_costs(conn, [
+                (d.claim.job_id, d.claim.attempt, d.claim.tier, d.cpu_seconds, d.wall_seconds)
+                for d in done])
             conn.execute(_CLOSE_ATTEMPT, [
                 {"a_job": d.claim.job_id, "a_number": d.claim.attempt, "a_now": now,
                  "a_outcome": d.outcome if d.claim.job_id in owned_ids
                  else _displaced(current.get(d.claim.job_id)),
-                 "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds}
-                for d in done
+                 "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds,
+                 "a_cost": cost}
+                for d, cost in zip(done, costs, strict=True)
             ])
+            charges = self.accountant.charge(conn, ids)  # jobs that ended: cost, written once
+        self.accountant.committed(charges)
         return owned_ids
 
     def _finish_ended_pg(self, done: Sequence[Finish], now: datetime) -> set[str]:
-        rows = [{**_finish_params(d), **_ended_params(d), "f_outcome": d.outcome} for d in done]
+        """Plain jobs that ended, on PostgreSQL: one statement finishes and charges them.
+
+        Each attempt's charge before its window multiplier is priced here; the statement
+        multiplies by the attempt row's ``price_multiplier`` and rounds half to even to 1e-8
+        (as ``PriceTable.compute_charge``), and the job's cost adds its item charge and its
+        earlier attempts' stored charges. A job that was not owned any more (cancelled while
+        it ran) is charged by ``Accountant.charge`` afterwards.
+        """
+        prices, models = self.accountant.prices, self.accountant.models
+        rows = []
+        for d in done:
+            model = job_model(d.claim.kind, d.claim.payload, models)
+            rows.append({**_finish_params(d), **_ended_params(d), "f_outcome": d.outcome,
+                         "f_model": model, "f_item_cost": prices.item_charge(model, d.items),
+                         "f_base": prices.unscaled_charge(d.claim.tier, d.cpu_seconds,
+                                                          d.wall_seconds)})
         params: dict[str, Any] = {
             f"a_{name}": [row[f"f_{name}"] for row in rows] for name in _ENDED_ARRAYS}
         params["a_result"] = [json.dumps(row["f_result"]) for row in rows]
         params["f_now"] = now
         with self.engine.connect() as conn:  # one statement: autocommit is atomic
-            return set(conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-                _FINISH_ENDED_PG, params).scalars())
+            ended = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                _FINISH_ENDED_PG, params).all()
+        charges = [Charge(row.id, row.tenant, row.tier, row.kind, row.model, row.cost)
+                   for row in ended]
+        owned = {row.id for row in ended}
+        displaced = [d.claim.job_id for d in done if d.claim.job_id not in owned]
+        if displaced:
+            with self.engine.begin() as conn:
+                charges += self.accountant.charge(conn, displaced)
+        self.accountant.committed(charges)
+        return owned
 
     def mark_dead_if_exhausted(self, job_id: str, *, now: datetime | None = None) -> bool:
         """A running job whose lease expired with no attempts left is dead (its worker was lost)."""
         now = now or utcnow()
+        charges: list[Charge] = []
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(jobs)
@@ -241,6 +275,8 @@ class Transitions:
                                 attempts.c.outcome == Outcome.RUNNING))
                     .values(outcome=Outcome.LOST, finished_at=now, error=LEASE_LOST)
                 )
+                charges = self.accountant.charge(conn, [job_id])
+        self.accountant.committed(charges)
         return done
 
 
@@ -336,7 +372,8 @@ _CLOSE_ATTEMPT = (
     .where(and_(attempts.c.job_id == bindparam("a_job"),
                 attempts.c.number == bindparam("a_number")))
     .values(outcome=bindparam("a_outcome"), finished_at=_p("a_now"), error=bindparam("a_error"),
-            cpu_seconds=bindparam("a_cpu"), wall_seconds=bindparam("a_wall"))
+            cpu_seconds=bindparam("a_cpu"), wall_seconds=bindparam("a_wall"),
+            cost=bindparam("a_cost"))
 )
 _OWNED = and_(jobs.c.id == bindparam("f_id"), jobs.c.state == JobState.RUNNING,
               jobs.c.attempts == bindparam("f_attempt"))
@@ -366,7 +403,20 @@ _ENDED_ARRAYS = {
     "id": "text", "attempt": "int", "state": "text", "outcome": "text", "error": "text",
     "cpu": "float8", "wall": "float8", "waited": "float8", "result": "text", "ref": "text",
     "items": "int", "batch": "text", "batch_size": "int", "done": "int",
+    "base": "numeric", "item_cost": "numeric", "model": "text",
 }
+
+
+def _half_even(x: str) -> str:
+    """SQL rounding of a non-negative numeric to 1e-8, half to even (``round_money``)."""
+    scaled = f"(({x}) * 100000000)"
+    return (f"(CASE WHEN {scaled} - trunc({scaled}) = 0.5 AND mod(trunc({scaled}), 2) = 0 "
+            f"THEN trunc({scaled}) / 100000000 ELSE round({x}, 8) END)")
+
+
+_ATTEMPT_COST = _half_even(
+    "i.base * coalesce((SELECT m.price_multiplier FROM attempts m "
+    "WHERE m.job_id = i.id AND m.number = i.attempt), 1)")
 _FINISH_ENDED_PG = text(f"""
 WITH input AS (
   SELECT * FROM unnest({", ".join(f"CAST(:a_{n} AS {t}[])" for n, t in _ENDED_ARRAYS.items())})
@@ -376,21 +426,25 @@ WITH input AS (
     cpu_seconds = jobs.cpu_seconds + i.cpu, wall_seconds = jobs.wall_seconds + i.wall,
     queue_seconds = coalesce(jobs.queue_seconds, 0) + i.waited, finished_at = :f_now,
     result = CAST(i.result AS json), result_ref = i.ref, items = i.items, batch_id = i.batch,
-    batch_size = i.batch_size, items_done = i.done
+    batch_size = i.batch_size, items_done = i.done, model = i.model,
+    cost = {_ATTEMPT_COST} + i.item_cost
+      + coalesce((SELECT sum(a.cost) FROM attempts a
+                  WHERE a.job_id = i.id AND a.number < i.attempt), 0)
   FROM input i
   WHERE jobs.id = i.id AND jobs.state = '{JobState.RUNNING}' AND jobs.attempts = i.attempt
-  RETURNING jobs.id
+  RETURNING jobs.id, jobs.tenant, jobs.tier, jobs.kind, jobs.model, jobs.cost
 ), closed AS (
   UPDATE attempts SET
     outcome = CASE WHEN i.id IN (SELECT id FROM owned) THEN i.outcome
       WHEN (SELECT state FROM jobs WHERE id = i.id) = '{JobState.CANCELLED}'
         THEN '{Outcome.CANCELLED}'
       ELSE '{Outcome.LOST}' END,
-    finished_at = :f_now, error = i.error, cpu_seconds = i.cpu, wall_seconds = i.wall
+    finished_at = :f_now, error = i.error, cpu_seconds = i.cpu, wall_seconds = i.wall,
+    cost = {_ATTEMPT_COST}
   FROM input i
   WHERE attempts.job_id = i.id AND attempts.number = i.attempt
 )
-SELECT id FROM owned
+SELECT * FROM owned
 """).bindparams(bindparam("f_now", type_=_T))
 _PARENT_PROGRESS = update(jobs).where(jobs.c.id == bindparam("p_id")).values(
     items_done=jobs.c.items_done + bindparam("p_items"),
