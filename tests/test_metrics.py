@@ -51,7 +51,8 @@ def test_a_prefork_worker_exposes_the_sum_of_its_pool_processes_metrics(
     try:
         worker.wait_ready()
         assert not (metrics_dir / "counter_99999.db").exists()
-        burns = [client.submit("burn", {"ms": 20}, tenant="acme", tier="nearline")
+        # 200 ms each: long enough that both pool processes take some, however busy the machine
+        burns = [client.submit("burn", {"ms": 200}, tenant="acme", tier="nearline")
                  for _ in range(6)]
         flaky = client.submit("burn", {"ms": 1, "fail_attempts": 1}, tenant="globex",
                               tier="interactive")
