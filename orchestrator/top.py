@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import redis
-from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Engine
 
 from orchestrator.admission import Admission, read_sheds
 from orchestrator.costs.report import queue_wait_p95
-from orchestrator.db.models import JobState, Outcome, attempts, jobs, utcnow, windows
+from orchestrator.db.models import JobState, Outcome, attempts, jobs, utcnow
 from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
+from orchestrator.window_catalog import WindowCatalog
 
 #: Throughput is measured over the last minute; p95 and preemptions over the last 5 minutes.
 THROUGHPUT_S = 60
@@ -56,7 +56,8 @@ class NextWindow:
 class Snapshot:
     at: datetime
     tiers: list[TierState]
-    next_window: NextWindow | None
+    #: windows open now, then the next openings of the others (soonest first, at most 3)
+    windows: list[NextWindow]
 
 
 def _counts(engine: Engine, now: datetime) -> dict[str, dict[str, float]]:
@@ -91,27 +92,26 @@ def _counts(engine: Engine, now: datetime) -> dict[str, dict[str, float]]:
     return out
 
 
-def next_window(engine: Engine, now: datetime) -> NextWindow | None:
-    """The window open now, else the one that opens next (None when there are none)."""
-    best: NextWindow | None = None
-    with engine.connect() as conn:
-        rows = conn.execute(select(windows.c.name, windows.c.cron, windows.c.duration_s,
-                                   windows.c.starts_at, windows.c.ends_at,
-                                   windows.c.timezone)).all()
-    for row in rows:
-        found: NextWindow | None = None
-        if row.cron:
-            trigger = CronTrigger.from_crontab(row.cron, timezone=row.timezone or "UTC")
-            span = timedelta(seconds=row.duration_s or 0)
-            fire = trigger.get_next_fire_time(None, now - span)
-            if fire is not None:
-                found = NextWindow(row.name, fire, fire <= now)
-        elif row.starts_at is not None and (row.ends_at is None or row.ends_at > now):
-            found = NextWindow(row.name, row.starts_at, row.starts_at <= now)
-        if found is not None and (best is None or (found.open_now, -found.opens_at.timestamp())
-                                  > (best.open_now, -best.opens_at.timestamp())):
-            best = found
-    return best
+def window_view(engine: Engine, settings: Settings, now: datetime, *, upcoming: int = 3
+                ) -> list[NextWindow]:
+    """Every window open now (earliest opened first), then the next ``upcoming`` openings.
+
+    Windows are the scheduler's own view of them (``WindowCatalog``: the built-in ``offpeak``,
+    the ``windows`` table and the config file), evaluated by the same code.
+    """
+    open_now: list[NextWindow] = []
+    later: list[NextWindow] = []
+    for name, spec in WindowCatalog(engine, settings).all().items():
+        opening = spec.opening(now)
+        if opening is not None:
+            open_now.append(NextWindow(name, opening[0], True))
+        else:
+            opens = spec.next_open(now)
+            if opens is not None:
+                later.append(NextWindow(name, opens, False))
+    open_now.sort(key=lambda w: (w.opens_at, w.name))
+    later.sort(key=lambda w: (w.opens_at, w.name))
+    return open_now + later[:upcoming]
 
 
 def snapshot(settings: Settings, engine: Engine, client: redis.Redis) -> Snapshot:
@@ -134,4 +134,4 @@ def snapshot(settings: Settings, engine: Engine, client: redis.Redis) -> Snapsho
             wait_p95_s=c.get("p95"), objective_s=settings.policy(tier).queue_wait_objective_s,
             sheds=sum(n for (t, _), n in sheds.items() if t == tier.value),
             preemptions=int(c.get("preemptions", 0)), deferred=int(c.get("deferred", 0))))
-    return Snapshot(at=now, tiers=states, next_window=next_window(engine, now))
+    return Snapshot(at=now, tiers=states, windows=window_view(engine, settings, now))

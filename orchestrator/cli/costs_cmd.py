@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli._console import make_console
 from orchestrator.costs import PriceTable
 from orchestrator.costs.render import cost_csv, cost_html, cost_table, spend_chart
 from orchestrator.costs.report import GROUPS, cost_report, daily_spend, parse_since
@@ -18,7 +18,7 @@ from orchestrator.services import open_database
 from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
 
-out = Console()
+out = make_console()
 
 
 def costs(

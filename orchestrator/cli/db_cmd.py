@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
+from orchestrator.cli._console import make_console
 from orchestrator.db import migrate
 from orchestrator.db.engine import make_engine
 from orchestrator.settings import Settings
 
 app = typer.Typer(help="Database schema.", no_args_is_help=True)
-out = Console()
+out = make_console()
 
 
 @app.command()

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli._console import make_console
 from orchestrator.costs import PriceTable
 from orchestrator.costs.breakdown import explain
 from orchestrator.costs.render import breakdown_text
@@ -25,7 +25,7 @@ from orchestrator.tiers import Tier
 from orchestrator.window_catalog import WindowCatalog
 
 app = typer.Typer(help="Review jobs.", no_args_is_help=True)
-out = Console()
+out = make_console()
 
 
 @contextmanager

@@ -6,26 +6,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import redis
 import typer
 
-from orchestrator.errors import ServiceUnavailable
 from orchestrator.metrics import ClusterCollector, exposition_registry, serve
-from orchestrator.services import open_database
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 
 app = typer.Typer(help="Prometheus metrics of the deployment.", no_args_is_help=True)
 
 
-def _cluster(settings: Settings) -> ClusterCollector:
-    engine = open_database(settings)
-    client = redis.Redis.from_url(settings.redis_url(), socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as e:
-        engine.dispose()
-        raise ServiceUnavailable(f"Redis at {settings.redis_url()} does not answer: {e}") from e
-    return ClusterCollector(settings, engine, client)
+def _cluster(settings: Settings) -> tuple[Services, ClusterCollector]:
+    services = Services.open(settings)  # attaches the embedded Redis when it is the broker
+    return services, ClusterCollector(settings, services.engine, services.redis)
 
 
 @app.command("serve")
@@ -37,13 +29,14 @@ def serve_cmd(
         help="also sum this prometheus_client multiprocess directory (e.g. a scheduler's)"),
 ) -> None:
     """Serve /metrics until stopped: deployment-wide gauges read at each scrape."""
-    cluster = _cluster(Settings.from_env())
+    services, cluster = _cluster(Settings.from_env())
     server = serve(port, addr=addr, multiprocess_dir=multiprocess_dir, cluster=cluster)
     typer.echo(f"serving metrics on http://{addr}:{port}/metrics")
     try:
         threading.Event().wait()
     finally:
         server.shutdown()
+        services.close()
 
 
 @app.command("dump")
@@ -51,9 +44,8 @@ def dump() -> None:
     """Print the deployment-wide metrics once, in the Prometheus text format."""
     from prometheus_client import generate_latest
 
-    cluster = _cluster(Settings.from_env())
+    services, cluster = _cluster(Settings.from_env())
     try:
         typer.echo(generate_latest(exposition_registry(None, cluster)).decode(), nl=False)
     finally:
-        cluster.redis.close()
-        cluster.engine.dispose()
+        services.close()

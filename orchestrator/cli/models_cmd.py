@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli._console import make_console
 from orchestrator.settings import Settings
 
 app = typer.Typer(help="Model files for the inference kinds.", no_args_is_help=True)
-out = Console()
+out = make_console()
 
 _MODEL_DIR_HELP = "model dir (default: ORCH_MODEL_DIR, else <state dir>/models)"
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli._console import make_console
 from orchestrator.db.store import utcnow
 from orchestrator.kinds import registry
 from orchestrator.scheduler.recurring import ScheduleStore, build_schedule
@@ -18,7 +18,7 @@ from orchestrator.settings import Settings
 from orchestrator.window_catalog import WindowCatalog
 
 app = typer.Typer(help="Recurring jobs on a cron schedule.", no_args_is_help=True)
-out = Console()
+out = make_console()
 
 
 @contextmanager

@@ -9,9 +9,9 @@ from decimal import Decimal
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli._console import make_console
 from orchestrator.client import _check_tenant
 from orchestrator.errors import InvalidOption
 from orchestrator.quotas import KEEP, TenantQuotas, TenantStore, parse_budget, rate_item
@@ -20,7 +20,7 @@ from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
 
 app = typer.Typer(help="Tenants: fair-share weight and quotas.", no_args_is_help=True)
-out = Console()
+out = make_console()
 
 _OFF = ("none", "off")
 

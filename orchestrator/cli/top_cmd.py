@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import time
 
-import redis
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.errors import ServiceUnavailable
-from orchestrator.services import open_database
+from orchestrator.cli._console import make_console
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.top import RECENT_S, THROUGHPUT_S, Snapshot, snapshot
 
-out = Console()
+out = make_console()
 
 
 def render(snap: Snapshot) -> Group:
@@ -34,17 +33,17 @@ def render(snap: Snapshot) -> Group:
         table.add_row(t.tier, str(t.queued), str(t.in_flight), str(t.slots),
                       f"{t.throughput_per_s:.2f}", status, objective, str(t.sheds),
                       str(t.preemptions), str(t.deferred))
-    w = snap.next_window
-    if w is None:
-        line = Text("windows: none defined")
-    elif w.open_now:
-        line = Text(f"window {w.name}: open now (since {w.opens_at:%Y-%m-%d %H:%M %Z})")
-    else:
-        wait = w.opens_at - snap.at
-        hours, rest = divmod(int(wait.total_seconds()), 3600)
-        line = Text(f"next window {w.name}: opens {w.opens_at:%Y-%m-%d %H:%M %Z} "
-                    f"(in {hours}h{rest // 60:02d}m)")
-    return Group(table, line)
+    lines: list[Text] = []
+    for w in snap.windows:
+        if w.open_now:
+            lines.append(Text(f"window {w.name}: open now (since {w.opens_at:%Y-%m-%d %H:%M %Z})"))
+        else:
+            hours, rest = divmod(int((w.opens_at - snap.at).total_seconds()), 3600)
+            lines.append(Text(f"next window {w.name}: opens {w.opens_at:%Y-%m-%d %H:%M %Z} "
+                              f"(in {hours}h{rest // 60:02d}m)"))
+    if not lines:
+        lines.append(Text("windows: none will open again"))
+    return Group(table, *lines)
 
 
 def top(
@@ -54,14 +53,9 @@ def top(
     """Queue depth, in flight, throughput, queue-wait p95 against each tier's objective,
     sheds, preemptions, deferred work and the next window; refreshed live."""
     settings = Settings.from_env()
-    engine = open_database(settings)
-    client = redis.Redis.from_url(settings.redis_url(), socket_connect_timeout=5)
+    services = Services.open(settings)  # attaches the embedded Redis when it is the broker
+    engine, client = services.engine, services.redis
     try:
-        try:
-            client.ping()
-        except redis.RedisError as e:
-            raise ServiceUnavailable(f"Redis at {settings.redis_url()} does not answer: {e}"
-                                     ) from e
         if once:
             out.print(render(snapshot(settings, engine, client)))
             return
@@ -71,5 +65,4 @@ def top(
                 time.sleep(interval)
                 live.update(render(snapshot(settings, engine, client)))
     finally:
-        client.close()
-        engine.dispose()
+        services.close()

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli._console import make_console
 from orchestrator.db.deferral import deferred_counts
 from orchestrator.db.store import utcnow
 from orchestrator.errors import InvalidWindow
@@ -20,7 +20,7 @@ from orchestrator.window_catalog import WindowCatalog
 from orchestrator.windows import WindowSpec
 
 app = typer.Typer(help="Off-peak windows: when deferred work may run.", no_args_is_help=True)
-out = Console()
+out = make_console()
 
 
 @contextmanager
