@@ -3,7 +3,9 @@
 It brings up the private Redis and the SQLite file (or uses ORCH_* URLs if set), migrates,
 starts a reserved interactive worker and a shared strict-order worker, streams a mixed workload
 across three tiers and three tenants (an offline backlog first, then steady interactive and
-nearline arrivals), waits with a progress display, prints what happened, and shuts down.
+nearline arrivals), waits with a progress display, then defers an ``index`` job to a one-off
+off-peak window a few seconds away that an in-process scheduler opens (and an interactive
+``search`` queries the index it built), prints what happened and what it cost, and shuts down.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import random
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from rich.table import Table
 
 from orchestrator.client import Client, JobHandle
 from orchestrator.db.models import JobState
-from orchestrator.db.store import JobView
+from orchestrator.db.store import JobView, utcnow
 from orchestrator.errors import InvalidPayload, Overloaded
 from orchestrator.local import LocalWorker
 from orchestrator.settings import Settings
@@ -146,18 +150,75 @@ def run_demo(settings: Settings | None = None, *, console: Console | None = None
             model = prepare_models(settings, console)
             handles, duplicates_ok, refused = _submit_and_follow(client, rng, console, model)
             jobs = client.wait(handles, timeout=120)
+            window_jobs = _window_step(client, settings, console, jobs, model)
         finally:
             for worker in workers:
                 worker.stop()
     elapsed = time.monotonic() - started
+    jobs = jobs + window_jobs
     _print_summary(console, jobs, duplicates_ok, refused, elapsed)
     expected_failed = 1
-    ok = (duplicates_ok and refused
+    ok = (duplicates_ok and refused and bool(window_jobs)
+          and all(j.state == JobState.SUCCEEDED for j in window_jobs)
           and sum(j.state == JobState.FAILED for j in jobs) == expected_failed
           and sum(j.state == JobState.SUCCEEDED for j in jobs) == len(jobs) - expected_failed)
     console.print("[green]demo finished: every job ended as expected[/green]" if ok
                   else "[red]demo finished with unexpected job states[/red]")
     return 0 if ok else 1
+
+
+def _window_step(client: Client, settings: Settings, console: Console, jobs: list[JobView],
+                 model: str | None) -> list[JobView]:
+    """Off-peak windows: a job waits ``deferred`` for a window that opens a few seconds from
+    now, the scheduler releases it when it opens, and it is charged at the window's price.
+
+    With a model, the deferred job indexes the demo's embeddings (``index``) and an interactive
+    ``search`` then queries that index; without one, it is an offline ``burn``.
+    """
+    from orchestrator.retrieval import submit_index, submit_search
+    from orchestrator.scheduler.process import SchedulerProcess
+    from orchestrator.window_catalog import WindowCatalog
+    from orchestrator.windows import WindowSpec
+
+    run = uuid.uuid4().hex[:8]
+    name = f"demo-{run}"
+    opens = utcnow() + timedelta(seconds=3)
+    WindowCatalog(client.services.engine, settings).add(WindowSpec.build(
+        name, starts_at=opens, ends_at=opens + timedelta(minutes=2), tiers=["offline"],
+        price_multiplier="0.5"))
+    scheduler = SchedulerProcess(settings, holder=f"demo:{run}")
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(stop,), daemon=True,
+                              name="demo-scheduler")
+    thread.start()
+    try:
+        embedded = [j.id for j in jobs if j.kind == "embed" and j.state == JobState.SUCCEEDED]
+        if model is not None and embedded:
+            deferred = submit_index(client, run, embedded, window=name, tenant="initech")
+        else:
+            deferred = client.submit("burn", {"ms": 200}, tier="offline", tenant="initech",
+                                     window=name)
+        waiting = client.get(deferred.id)
+        chunks = client.chunks(deferred.id) or [waiting]
+        console.print(f"window {name} opens at {opens:%H:%M:%S} UTC (price x0.5): "
+                      f"{waiting.kind} job {deferred.id} waits, "
+                      f"{', '.join(sorted({c.state for c in chunks}))}")
+        [done] = client.wait([deferred], timeout=60)
+        started = [c.started_at for c in client.chunks(deferred.id) or [done] if c.started_at]
+        delay = (min(started) - opens).total_seconds() if started else float("nan")
+        console.print(f"  released by the scheduler {delay:.2f}s after the window opened; "
+                      f"{done.state}, cost {done.cost or 0:f}")
+        if model is not None and embedded and done.state == JobState.SUCCEEDED:
+            search = submit_search(client, run, queries=["a question about the demo"], k=3,
+                                   tenant="acme")
+            hits = search.result(timeout=30)["hits"][0]
+            console.print(f"  interactive search on index {run}: top {len(hits)} of "
+                          f"{len(embedded)} vectors, best score {hits[0]['score']:.3f}")
+            return [done, client.get(search.id)]
+        return [done]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def _submit(client: Client, item: Planned, attempts: int = 50) -> JobHandle:

@@ -167,14 +167,16 @@ def test_a_short_window_releases_deferred_work_and_suspends_a_chunk_at_its_close
     effects = tmp_path / "effects.txt"
     plain = client.submit("record", {"path": str(effects), "label": "p"}, window="blink")
     assert plain.status() == "deferred"
-    scheduler_runner("S", scheduler_tick_s=0.2)
+    scheduler, _ = scheduler_runner("S", scheduler_tick_s=0.2)
     client.wait([plain, bulk], timeout=90)
     assert bulk.status() == "succeeded" and plain.status() == "succeeded"
-    # Released within a second of the window opening.
+    # Released within a second of the window opening, or of the scheduler starting to act if
+    # the window was already open then (on a busy machine start-up can fall inside an opening).
     released = plain.job().queued_at
-    assert released is not None
+    assert released is not None and scheduler.acting_since is not None
     opened = window.opening(released)
-    assert opened is not None and (released - opened[0]).total_seconds() < 1.0
+    assert opened is not None
+    assert (released - max(opened[0], scheduler.acting_since)).total_seconds() < 1.0
     [chunk] = client.chunks(bulk.id)
     tries = client.attempts(chunk.id)
     assert any(a.outcome == "preempted" and "window blink closed" in (a.error or "")
