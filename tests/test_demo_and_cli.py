@@ -41,7 +41,10 @@ def test_demo_runs_the_whole_system_on_the_embedded_default_and_cleans_up(
     listed = _cli("jobs", "list", "--json", "--limit", "500", env={"ORCH_STATE_DIR": str(state)})
     assert listed.returncode == 0, listed.stderr
     jobs = json.loads(listed.stdout)
-    assert len(jobs) == 208 + 6  # every submitted job, and the bulk job's six chunks
+    # Every submitted job, the bulk score job's six chunks, and the window step's index job
+    # (one chunk) and search.
+    assert len(jobs) == 208 + 6 + 3
+    assert "released by the scheduler" in done.stdout and "interactive search" in done.stdout
     assert {j["tenant"] for j in jobs} == {"acme", "globex", "initech"}
 
 
