@@ -249,7 +249,7 @@ class OrchestratorSide(Side):
     def reset(self) -> None:
         super().reset()
         with self.bench.engine.begin() as conn:
-            conn.execute(text("TRUNCATE attempts, jobs, tenants"))
+            conn.execute(text("TRUNCATE attempts, job_events, jobs, tenants"))
 
     def submit_all(self, n: int) -> None:
         client = self.bench.client

@@ -340,7 +340,7 @@ WITH claimed AS (
     lease_expires_at, deadline, parent_id, items_done, preemptions, "window"
 ), lost AS (
   UPDATE attempts SET outcome = '{Outcome.LOST}', finished_at = :c_now, error = :c_lost
-  WHERE job_id IN (SELECT id FROM claimed WHERE attempts > 1)
+  WHERE job_id = ANY(:c_ids) AND job_id IN (SELECT id FROM claimed WHERE attempts > 1)
     AND outcome = '{Outcome.RUNNING}'
   RETURNING job_id
 ), fresh AS (
@@ -396,7 +396,8 @@ _ENDED = update(jobs).where(_OWNED).values(
     batch_size=bindparam("f_batch_size"), items_done=bindparam("f_done"),
 )
 # PostgreSQL, plain jobs that ended: their UPDATE and their attempts' close in one statement,
-# the rows passed as arrays. "owned" and the job read in the CASE see the same snapshot: where
+# the rows passed as arrays. The joins also filter on "= ANY(ids)": the planner guesses 100
+# rows for unnest() and would otherwise scan the whole jobs and attempts tables per finish. "owned" and the job read in the CASE see the same snapshot: where
 # "owned" lacks a job, this statement did not change its row, so its state tells whether it was
 # cancelled or taken over.
 _ENDED_ARRAYS = {
@@ -431,7 +432,8 @@ WITH input AS (
       + coalesce((SELECT sum(a.cost) FROM attempts a
                   WHERE a.job_id = i.id AND a.number < i.attempt), 0)
   FROM input i
-  WHERE jobs.id = i.id AND jobs.state = '{JobState.RUNNING}' AND jobs.attempts = i.attempt
+  WHERE jobs.id = ANY(CAST(:a_id AS text[])) AND jobs.id = i.id
+    AND jobs.state = '{JobState.RUNNING}' AND jobs.attempts = i.attempt
   RETURNING jobs.id, jobs.tenant, jobs.tier, jobs.kind, jobs.model, jobs.cost
 ), closed AS (
   UPDATE attempts SET
@@ -442,7 +444,8 @@ WITH input AS (
     finished_at = :f_now, error = i.error, cpu_seconds = i.cpu, wall_seconds = i.wall,
     cost = {_ATTEMPT_COST}
   FROM input i
-  WHERE attempts.job_id = i.id AND attempts.number = i.attempt
+  WHERE attempts.job_id = ANY(CAST(:a_id AS text[])) AND attempts.job_id = i.id
+    AND attempts.number = i.attempt
 )
 SELECT * FROM owned
 """).bindparams(bindparam("f_now", type_=_T))
