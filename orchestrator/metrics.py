@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +172,36 @@ class ClusterCollector:
             for state in JobState.ACTIVE:
                 active.add_metric([tier.value, state], counts.get((tier.value, state), 0))
         yield active
+
+
+class SchedulerMetrics:
+    """What the scheduler does, in its own registry (it is one process, not a pool)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.released = Counter(
+            "orch_window_released", "Deferred jobs released to their queue when a window "
+            "opened.", ["window"], registry=self.registry)
+        self.republished = Counter(
+            "orch_reconciler_republished", "Jobs the reconciler re-published: reason "
+            "message_gone (queued, broker message lost) or lease_expired (running, worker "
+            "lost).", ["reason"], registry=self.registry)
+        self.acting = Gauge(
+            "orch_scheduler_acting", "1 while this scheduler holds the lease and acts.",
+            registry=self.registry)
+
+    def released_jobs(self, released: Mapping[str, Sequence[str]]) -> None:
+        for window, ids in released.items():
+            if ids:
+                self.released.labels(window).inc(len(ids))
+
+    def reconciled(self, republished: int, taken_over: int) -> None:
+        if republished:
+            self.republished.labels("message_gone").inc(republished)
+        if taken_over:
+            self.republished.labels("lease_expired").inc(taken_over)
 
 
 def exposition_registry(multiprocess_dir: Path | None, cluster: ClusterCollector | None

@@ -112,3 +112,52 @@ def test_the_cluster_exporter_reads_queue_depth_sheds_and_jobs_per_state(
     assert samples[("orch_jobs", frozenset({"tier": "offline", "state": "queued"}.items()))] == 3
     assert samples[("orch_sheds_total", frozenset(
         {"tier": "interactive", "reason": "queue_wait_objective"}.items()))] == 2
+
+
+def test_the_scheduler_counts_releases_and_reconciler_republishes(
+    settings: Settings, client: Client, redis_client: redis.Redis
+) -> None:
+    """``orchestrator scheduler --metrics-port`` serves these counters; here read directly."""
+    import threading
+    from datetime import timedelta
+
+    from prometheus_client import generate_latest
+
+    from orchestrator.db.store import utcnow
+    from orchestrator.metrics import SchedulerMetrics
+    from orchestrator.scheduler.process import SchedulerProcess
+    from orchestrator.window_catalog import WindowCatalog
+    from orchestrator.windows import WindowSpec
+
+    now = utcnow()
+    WindowCatalog(client.services.engine, settings).add(WindowSpec.build(
+        "soon", starts_at=now + timedelta(seconds=1), ends_at=now + timedelta(minutes=5)))
+    deferred = client.submit("echo", {"n": 1}, tier="offline", window="soon")
+    lost = client.submit("echo", {"n": 2}, tier="offline", window=None)
+    redis_client.flushdb()  # the queued job's message is gone
+    process = SchedulerProcess(settings.model_copy(update={
+        "scheduler_tick_s": 0.2, "reconcile_interval_s": 0.5, "reconcile_grace_s": 0.0}),
+        holder="metrics-test")
+    process.metrics = SchedulerMetrics()
+    stop = threading.Event()
+    thread = threading.Thread(target=process.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            samples = _samples(generate_latest(process.metrics.registry).decode())
+            released = samples.get(("orch_window_released_total",
+                                    frozenset({"window": "soon"}.items())), 0)
+            republished = samples.get(("orch_reconciler_republished_total",
+                                       frozenset({"reason": "message_gone"}.items())), 0)
+            if (released and republished) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert samples[("orch_scheduler_acting", frozenset())] == 1
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert released == 1, "the deferred job was released once when its window opened"
+    assert republished == 1, "the job whose message was flushed was re-published once"
+    assert client.get(deferred.id).state == "queued"
+    assert client.get(lost.id).state == "queued"

@@ -12,8 +12,12 @@ import typer
 def scheduler(
     holder: str = typer.Option(None, "--name", help="this scheduler's name in the lease "
                                "(default: host:pid)"),
+    metrics_port: int = typer.Option(None, "--metrics-port", min=1, max=65535,
+                                     help="serve the scheduler's Prometheus metrics (and the "
+                                     "deployment's gauges) on this port"),
 ) -> None:
     """Run the scheduler until SIGTERM/SIGINT; a second one waits for the lease."""
+    from orchestrator.metrics import ClusterCollector, SchedulerMetrics
     from orchestrator.scheduler.process import SchedulerProcess
     from orchestrator.settings import Settings
 
@@ -24,4 +28,19 @@ def scheduler(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    SchedulerProcess(Settings.from_env(), holder=holder).run(stop)
+    settings = Settings.from_env()
+    process = SchedulerProcess(settings, holder=holder)
+    server = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        process.metrics = SchedulerMetrics()
+        services = process.services
+        process.metrics.registry.register(
+            ClusterCollector(settings, services.engine, services.redis))
+        server, _ = start_http_server(metrics_port, registry=process.metrics.registry)
+    try:
+        process.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()

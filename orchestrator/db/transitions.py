@@ -397,9 +397,9 @@ _ENDED = update(jobs).where(_OWNED).values(
 )
 # PostgreSQL, plain jobs that ended: their UPDATE and their attempts' close in one statement,
 # the rows passed as arrays. The joins also filter on "= ANY(ids)": the planner guesses 100
-# rows for unnest() and would otherwise scan the whole jobs and attempts tables per finish. "owned" and the job read in the CASE see the same snapshot: where
-# "owned" lacks a job, this statement did not change its row, so its state tells whether it was
-# cancelled or taken over.
+# rows for unnest() and could otherwise scan the whole jobs and attempts tables per finish.
+# "owned" and the job read in the CASE see the same snapshot: where "owned" lacks a job, this
+# statement did not change its row, so its state tells whether it was cancelled or taken over.
 _ENDED_ARRAYS = {
     "id": "text", "attempt": "int", "state": "text", "outcome": "text", "error": "text",
     "cpu": "float8", "wall": "float8", "waited": "float8", "result": "text", "ref": "text",

@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from orchestrator.client import Client
 from orchestrator.db.store import utcnow
+from orchestrator.metrics import SchedulerMetrics
 from orchestrator.scheduler.keeper import WindowKeeper
 from orchestrator.scheduler.lease import Lease
 from orchestrator.scheduler.reconciler import Reconciler
@@ -73,6 +74,8 @@ class SchedulerProcess:
         self.lease = Lease(self.services.engine, self.holder, settings.scheduler_lease_s)
         self.acting_since: datetime | None = None
         self._aps: BackgroundScheduler | None = None
+        #: set by ``orchestrator scheduler --metrics-port`` (``orchestrator.metrics``)
+        self.metrics: SchedulerMetrics | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -113,9 +116,9 @@ class SchedulerProcess:
         )
         now = datetime.now(UTC)
         tick = self.settings.scheduler_tick_s
-        aps.add_job(self._guard(self.keeper.tick), "interval", seconds=tick, id="windows",
+        aps.add_job(self._guard(self._windows), "interval", seconds=tick, id="windows",
                     jobstore="internal", next_run_time=now)
-        aps.add_job(self._guard(self.reconciler.check), "interval",
+        aps.add_job(self._guard(self._reconcile), "interval",
                     seconds=self.settings.reconcile_interval_s, id="reconciler",
                     jobstore="internal", next_run_time=now)
         aps.add_job(self._guard(self.sync_schedules), "interval", seconds=max(tick, 1.0),
@@ -123,6 +126,8 @@ class SchedulerProcess:
         _acting = self
         self.acting_since = now
         self._aps = aps
+        if self.metrics is not None:
+            self.metrics.acting.set(1)
         aps.start()
         self.sync_schedules()
 
@@ -134,6 +139,18 @@ class SchedulerProcess:
         if _acting is self:
             _acting = None
         self.acting_since = None
+        if self.metrics is not None:
+            self.metrics.acting.set(0)
+
+    def _windows(self) -> None:
+        released = self.keeper.tick()
+        if self.metrics is not None:
+            self.metrics.released_jobs(released)
+
+    def _reconcile(self) -> None:
+        report = self.reconciler.check()
+        if self.metrics is not None:
+            self.metrics.reconciled(len(report.republished), len(report.taken_over))
 
     def _guard(self, fn: Callable[[], object]) -> Callable[[], None]:
         """Run a periodic task only under a fresh lease; log (do not raise) its failures."""
