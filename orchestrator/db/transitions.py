@@ -415,12 +415,15 @@ def _half_even(x: str) -> str:
             f"THEN trunc({scaled}) / 100000000 ELSE round({x}, 8) END)")
 
 
-_ATTEMPT_COST = _half_even(
-    "i.base * coalesce((SELECT m.price_multiplier FROM attempts m "
-    "WHERE m.job_id = i.id AND m.number = i.attempt), 1)")
+#: Each row's attempt charge: its unscaled price times the attempt row's window multiplier
+#: (read once per row in "input"), rounded like ``round_money``.
+_ATTEMPT_COST = _half_even("i.base * i.multiplier")
+
 _FINISH_ENDED_PG = text(f"""
 WITH input AS (
-  SELECT * FROM unnest({", ".join(f"CAST(:a_{n} AS {t}[])" for n, t in _ENDED_ARRAYS.items())})
+  SELECT i.*, coalesce((SELECT m.price_multiplier FROM attempts m
+                        WHERE m.job_id = i.id AND m.number = i.attempt), 1) AS multiplier
+  FROM unnest({", ".join(f"CAST(:a_{n} AS {t}[])" for n, t in _ENDED_ARRAYS.items())})
     AS i({", ".join(_ENDED_ARRAYS)})
 ), owned AS (
   UPDATE jobs SET state = i.state, lease_expires_at = NULL, error = i.error,
