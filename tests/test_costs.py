@@ -231,7 +231,7 @@ def test_real_preemption_charges_every_slice_once(
     try:
         bulk = priced_client.submit_bulk("upper", [f"i{n}" for n in range(25)], chunk_size=100)
         [chunk] = priced_client.chunks(bulk.id)
-        priced_client.submit("echo", {"urgent": True})
+        priced_client.submit("burn", {"ms": 1}, tier="nearline")
         assert [rt.execute(chunk.id) for _ in range(3)] == ["queued", "queued", "succeeded"]
     finally:
         rt.close()

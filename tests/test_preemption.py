@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_a_chunk_yields_to_waiting_interactive_work_and_resumes_from_its_checkpo
     items = [f"item-{i}" for i in range(35)]
     bulk = client.submit_bulk("upper", items, chunk_size=100)
     [chunk] = client.chunks(bulk.id)
-    client.submit("echo", {"urgent": True})  # interactive work now waits
+    client.submit("burn", {"ms": 1}, tier="nearline")  # waits above; not run in place
     assert runtime.execute(chunk.id) == "queued"
     after = client.get(chunk.id)
     assert (after.state, after.items_done, after.preemptions, after.attempts) == (
@@ -86,7 +87,7 @@ def test_preemptions_do_not_use_up_retries(client: Client, runtime: Runtime) -> 
     # upper allows 2 attempts; a chunk of 55 items needs 6 runs when it yields after each.
     bulk = client.submit_bulk("upper", [f"p{i}" for i in range(55)], chunk_size=100)
     [chunk] = client.chunks(bulk.id)
-    client.submit("echo", {"urgent": True})
+    client.submit("burn", {"ms": 1}, tier="nearline")
     states = [runtime.execute(chunk.id) for _ in range(6)]
     assert states[-1] == "succeeded" and states[:-1] == ["queued"] * 5
     assert client.get(chunk.id).preemptions == 5
@@ -109,7 +110,7 @@ def test_with_preemption_off_a_chunk_runs_through_whatever_waits(
     try:
         bulk = client.submit_bulk("upper", [f"o{i}" for i in range(35)], chunk_size=100)
         [chunk] = client.chunks(bulk.id)
-        client.submit("echo", {"urgent": True})
+        client.submit("burn", {"ms": 1}, tier="nearline")
         assert rt.execute(chunk.id) == "succeeded"
         assert client.get(chunk.id).preemptions == 0
     finally:
@@ -122,7 +123,7 @@ def test_a_resume_that_cannot_see_its_checkpoint_redoes_the_chunk_instead_of_los
     items = [f"m{i}" for i in range(35)]
     bulk = client.submit_bulk("upper", items, chunk_size=100)
     [chunk] = client.chunks(bulk.id)
-    urgent = client.submit("echo", {"urgent": True})
+    urgent = client.submit("burn", {"ms": 1}, tier="nearline")
     assert runtime.execute(chunk.id) == "queued"  # preempted at item 10
     for part in Path(bulk.job().result_ref or "").glob("*.part-*"):
         part.unlink()  # e.g. the next worker has no shared result store
@@ -131,3 +132,118 @@ def test_a_resume_that_cannot_see_its_checkpoint_redoes_the_chunk_instead_of_los
     assert runtime.execute(chunk.id) == "succeeded"
     assert list(client.bulk_results(bulk.id, timeout=1)) == [t.upper() for t in items]
     assert bulk.job().items_done == 35
+
+
+# --- interactive work run in place -----------------------------------------------------------
+
+
+def _unacked(redis_client: redis.Redis) -> int:
+    return int(redis_client.hlen("unacked"))
+
+
+def test_waiting_interactive_work_runs_in_the_chunks_process_and_the_chunk_carries_on(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    items = [f"r{i}" for i in range(35)]
+    bulk = client.submit_bulk("upper", items, chunk_size=100)
+    [chunk] = client.chunks(bulk.id)
+    urgent = client.submit("burn", {"ms": 300}, tier="interactive")
+    assert runtime.execute(chunk.id) == "succeeded"
+    done = client.get(chunk.id)
+    # No checkpoint, no requeue: one attempt, no preemption, every item once.
+    assert (done.attempts, done.preemptions, done.items_done) == (1, 0, 35)
+    assert list(client.bulk_results(bulk.id, timeout=1)) == [t.upper() for t in items]
+    job = urgent.job()
+    assert job.state == "succeeded" and job.attempts == 1
+    assert client.attempts(urgent.id)[0].worker == runtime.worker
+    # The interactive job's CPU is its own, not the chunk's as well.
+    assert (job.cpu_seconds or 0) >= 0.25
+    assert (done.cpu_seconds or 0) < 0.2
+    assert redis_client.llen(queue_key(Tier.INTERACTIVE, 0)) == 0
+    assert _unacked(redis_client) == 0  # taken with kombu's bookkeeping, and acknowledged
+    assert runtime.in_place is not None and runtime.in_place.served == 1
+
+
+def test_a_full_interactive_batch_runs_in_place_as_one_batch(
+    client: Client, runtime: Runtime
+) -> None:
+    bulk = client.submit_bulk("upper", [f"b{i}" for i in range(35)], chunk_size=100)
+    [chunk] = client.chunks(bulk.id)
+    # upper batches 4 jobs: the fourth fills the batch and publishes a trigger due now.
+    handles = [client.submit("upper", {"texts": [f"hi{i}"]}, tier="interactive")
+               for i in range(4)]
+    assert runtime.execute(chunk.id) == "succeeded"
+    assert client.get(chunk.id).preemptions == 0
+    jobs = [h.job() for h in handles]
+    assert [j.result for j in jobs] == [[f"HI{i}"] for i in range(4)]
+    assert {j.batch_size for j in jobs} == {4} and len({j.batch_id for j in jobs}) == 1
+
+
+def test_interactive_work_not_yet_due_is_left_to_the_consumer_and_the_chunk_yields(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    bulk = client.submit_bulk("upper", [f"d{i}" for i in range(35)], chunk_size=100)
+    [chunk] = client.chunks(bulk.id)
+    # One upper job: its trigger is due in upper's 300 ms, longer than a chunk waits for.
+    handle = client.submit("upper", {"texts": ["later"]}, tier="interactive")
+    assert runtime.execute(chunk.id) == "queued"  # the classic preemption frees the slot
+    assert client.get(chunk.id).preemptions == 1
+    assert handle.status() == "queued"
+    assert redis_client.llen(queue_key(Tier.INTERACTIVE, 0)) == 1  # put back, not lost
+    assert _unacked(redis_client) == 0
+
+
+def test_a_worker_that_does_not_serve_interactive_work_neither_runs_it_nor_yields_to_it(
+    client: Client, eager: Settings, redis_client: redis.Redis
+) -> None:
+    rt = Runtime(Services.open(eager), worker="offline-only", tiers=[Tier.OFFLINE])
+    try:
+        assert rt.in_place is None
+        bulk = client.submit_bulk("upper", [f"o{i}" for i in range(35)], chunk_size=100)
+        [chunk] = client.chunks(bulk.id)
+        urgent = client.submit("echo", {"urgent": True})
+        assert rt.execute(chunk.id) == "succeeded"
+        assert client.get(chunk.id).preemptions == 0
+        assert urgent.status() == "queued"
+        assert redis_client.llen(queue_key(Tier.INTERACTIVE, 0)) == 1
+    finally:
+        rt.close()
+
+
+def test_interactive_work_run_in_place_keeps_its_tiers_time_limit(
+    client: Client, eager: Settings
+) -> None:
+    tiers = dict(eager.tiers)
+    tiers[Tier.INTERACTIVE] = tiers[Tier.INTERACTIVE].model_copy(
+        update={"time_limit_s": 0.2, "backoff_base_s": 0.0, "backoff_max_s": 0.0})
+    rt = Runtime(Services.open(eager.model_copy(update={"tiers": tiers})), worker="limits")
+    try:
+        bulk = client.submit_bulk("upper", [f"t{i}" for i in range(15)], chunk_size=100)
+        [chunk] = client.chunks(bulk.id)
+        slow = client.submit("burn", {"ms": 5000}, tier="interactive")
+        started = time.monotonic()
+        assert rt.execute(chunk.id) == "succeeded"
+        assert time.monotonic() - started < 4  # cut at 0.2 s each time, not 5 s
+        [first, *_] = client.attempts(slow.id)
+        assert "time limit of the interactive tier exceeded" in (first.error or "")
+        assert slow.job().state in ("queued", "dead")  # retried with backoff, or out of tries
+    finally:
+        rt.close()
+
+
+def test_a_due_interactive_batch_whose_trigger_is_out_of_reach_is_taken_from_its_buffer(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    bulk = client.submit_bulk("upper", [f"h{i}" for i in range(35)], chunk_size=100)
+    [chunk] = client.chunks(bulk.id)
+    handle = client.submit("upper", {"texts": ["held"]}, tier="interactive")
+    # The worker's consumer fetched the trigger (due in upper's 300 ms) and holds it in its
+    # timer: it is no longer in Redis, and no slot is free to run it when it is due.
+    redis_client.delete(queue_key(Tier.INTERACTIVE, 0))
+    time.sleep(0.35)
+    assert runtime.execute(chunk.id) == "succeeded"
+    assert client.get(chunk.id).preemptions == 0
+    assert handle.job().result == ["HELD"]
+    # The held trigger runs later and finds nothing left to do.
+    assert runtime.execute_batch("upper", "g", "interactive", "the-held-trigger") == {}
+    assert handle.job().attempts == 1

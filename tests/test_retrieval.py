@@ -181,7 +181,7 @@ def test_a_preempted_index_job_resumes_with_every_vector_exactly_once(
     handle = submit_index(client, "docs", [bulk.id])  # 20 units, one index chunk
     [chunk] = client.chunks(handle.id)
     index = VectorIndex(index_root(client.settings.state_dir), "docs")
-    urgent = client.submit("echo", {"urgent": True})  # interactive work waits
+    urgent = client.submit("burn", {"ms": 1}, tier="nearline")  # nearline work waits above
     assert runtime.execute(chunk.id) == "queued"
     assert (client.get(chunk.id).items_done, index.manifest().count) == (8, 8)
     assert [a.outcome for a in client.attempts(chunk.id)] == ["preempted"]

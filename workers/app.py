@@ -34,15 +34,18 @@ log = logging.getLogger(__name__)
 class _ProcessRuntime:
     """Holds the runtime of the current pool process."""
 
-    def __init__(self, settings: Settings, worker_name: str) -> None:
+    def __init__(self, settings: Settings, worker_name: str,
+                 tiers: list[Tier] | None = None) -> None:
         self.settings = settings
         self.worker_name = worker_name
+        self.tiers = tiers
         self.runtime: Runtime | None = None
 
     def start(self, **_: Any) -> None:
         # The parent's connections must not be shared across fork: open fresh ones.
         services = Services.open(self.settings.model_copy(), kinds=None)
-        self.runtime = Runtime(services, worker=f"{self.worker_name}:{os.getpid()}")
+        self.runtime = Runtime(services, worker=f"{self.worker_name}:{os.getpid()}",
+                               tiers=self.tiers)
         self.runtime.setup_kinds()
 
     def stop(self, **_: Any) -> None:
@@ -59,10 +62,14 @@ class _ProcessRuntime:
         return self.runtime
 
 
-def make_worker_app(settings: Settings, *, worker_name: str | None = None) -> Celery:
-    """A Celery app with the job task bound and the process lifecycle connected."""
+def make_worker_app(settings: Settings, *, worker_name: str | None = None,
+                    tiers: list[Tier] | None = None) -> Celery:
+    """A Celery app with the job task bound and the process lifecycle connected.
+
+    ``tiers`` are the tiers the worker serves (None: all); running chunks yield only to those.
+    """
     app = make_celery(settings, name="orchestrator-worker")
-    holder = _ProcessRuntime(settings, worker_name or socket.gethostname())
+    holder = _ProcessRuntime(settings, worker_name or socket.gethostname(), tiers)
 
     @app.task(name=RUN_TASK, bind=True, ignore_result=True)
     def run(self: Task, job_id: str) -> None:
@@ -95,7 +102,7 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
     # The pid keeps two workers on one host apart (Celery, the registry and attempts use it).
     name = hostname or f"{'-'.join(t.value for t in tiers)}-{os.getpid()}@{socket.gethostname()}"
     try:
-        app = make_worker_app(settings, worker_name=name)
+        app = make_worker_app(settings, worker_name=name, tiers=tiers)
         worker = app.Worker(
             queues=[tier.value for tier in tiers],
             concurrency=concurrency,

@@ -1,11 +1,14 @@
 """Running one chunk of a bulk job in mini-batches, yielding to higher tiers at checkpoints.
 
 Between mini-batches the chunk asks Redis whether higher-tier work waits (``HigherTierCheck``).
-If it does and the chunk has run its tier's minimum slice, it writes the results so far as a
-checkpoint file and ends the attempt as ``preempted``: the job goes back to its tier's resume
-step (the front of the tier) with ``items_done`` at the checkpoint, its slot is free for the
-waiting work, and the next attempt starts at the checkpoint. No item runs twice; every attempt
-adds only the CPU it used; a preemption does not use up a retry.
+Waiting interactive work is first run in place (``InPlaceServer``): the chunk's process takes
+those messages, runs them and carries on, its own state untouched in memory; the time they took
+is not the chunk's (its CPU and wall seconds leave it out). If higher-tier work still waits
+and the chunk has run its tier's minimum slice, it writes the results so far as a checkpoint
+file and ends the attempt as ``preempted``: the job goes back to its tier's resume step (the
+front of the tier) with ``items_done`` at the checkpoint, its slot is free for the waiting
+work, and the next attempt starts at the checkpoint. No item runs twice; every attempt adds
+only the CPU it used; a preemption does not use up a retry.
 
 A chunk that belongs to an off-peak window also checks, between mini-batches, that the window
 is still open (``window_open``); once it has closed, the chunk checkpoints the same way and goes
@@ -21,9 +24,9 @@ from typing import Any
 from orchestrator.db.store import Claim
 from orchestrator.kinds import JobContext, KindSpec
 from orchestrator.results import ResultStore
-from orchestrator.tiers import TierPolicy
+from orchestrator.tiers import Tier, TierPolicy
 from workers.execution import Outcomes
-from workers.preemption import HigherTierCheck
+from workers.preemption import HigherTierCheck, InPlaceServer
 
 
 def _join(pieces: list[Any]) -> Any:
@@ -36,7 +39,8 @@ def _join(pieces: list[Any]) -> Any:
 
 def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
               policy: TierPolicy, segment: int, check: HigherTierCheck, results: ResultStore,
-              outcomes: Outcomes, window_open: Callable[[], bool] | None = None) -> None:
+              outcomes: Outcomes, window_open: Callable[[], bool] | None = None,
+              in_place: InPlaceServer | None = None) -> None:
     """Run a chunk from its checkpoint; record success, failure or preemption in ``outcomes``."""
     assert spec.batch is not None and spec.batch.bulk_field is not None
     assert claim.parent_id is not None
@@ -49,9 +53,28 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
     done = start
     pieces: list[Any] = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    lent = [0.0, 0.0]  # cpu and wall seconds spent on higher-tier work run in place
 
     def spent() -> tuple[float, float]:
-        return time.process_time() - cpu0, time.perf_counter() - wall0
+        return (time.process_time() - cpu0 - lent[0],
+                time.perf_counter() - wall0 - lent[1])
+
+    def must_yield() -> bool:
+        waiting = check.waiting_by_tier()
+        if not any(waiting.values()):
+            return False
+        if in_place is not None and waiting.get(Tier.INTERACTIVE):
+            served, cpu, wall = in_place.serve()
+            lent[0] += cpu
+            lent[1] += wall
+            waiting = check.waiting_by_tier()
+            if served:
+                # Interactive work that arrived meanwhile is served at the next checkpoint,
+                # a mini-batch away; only other work waiting above frees the slot.
+                waiting.pop(Tier.INTERACTIVE, None)
+            # (Served nothing: what the first look saw may have been taken by another slot
+            # meanwhile; the second look says whether something is still out of reach.)
+        return any(waiting.values()) and spent()[1] >= policy.preempt_min_slice_s
 
     try:
         while done < len(items):
@@ -65,8 +88,7 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
                 results.write_part(claim.parent_id, claim.job_id, start, _join(pieces))
                 outcomes.defer(claim, done, *spent())
                 return
-            if (done < len(items) and spent()[1] >= policy.preempt_min_slice_s
-                    and check.waiting()):
+            if done < len(items) and must_yield():
                 results.write_part(claim.parent_id, claim.job_id, start, _join(pieces))
                 outcomes.preempt(claim, done, *spent())
                 return

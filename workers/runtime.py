@@ -20,8 +20,8 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.admission import record_service
-from orchestrator.batching import Buffers, processing_key
-from orchestrator.broker import publish
+from orchestrator.batching import BATCH_TASK, Buffers, processing_key
+from orchestrator.broker import RUN_TASK, publish
 from orchestrator.db.models import JobState, Outcome
 from orchestrator.db.store import Claim, Finish, utcnow
 from orchestrator.errors import PermanentError, SubmitError, UnknownKind
@@ -35,7 +35,7 @@ from orchestrator.tiers import Tier
 from orchestrator.transport import mark_sent
 from workers.chunks import run_chunk
 from workers.execution import LeaseKeeper, Outcomes, call_kind, context
-from workers.preemption import HigherTierCheck
+from workers.preemption import HigherTierCheck, InPlaceServer
 from workers.windowing import WindowGate
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,11 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
 class Runtime:
     """Executes jobs inside one worker process."""
 
-    def __init__(self, services: Services, *, worker: str | None = None) -> None:
+    def __init__(self, services: Services, *, worker: str | None = None,
+                 tiers: Sequence[Tier] | None = None) -> None:
         self.services = services
+        #: the tiers this worker serves: a chunk only yields to work the worker can take
+        self.tiers: tuple[Tier, ...] = tuple(tiers) if tiers else tuple(Tier)
         self.settings: Settings = services.settings
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self.buffers = Buffers(services.redis, services.celery,
@@ -65,6 +68,11 @@ class Runtime:
         self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
         self.leases = LeaseKeeper(services.store)
         self.metrics = WorkerMetrics()
+        self.in_place = InPlaceServer(
+            services.celery, services.redis, self.run_message,
+            time_limit_s=self.settings.policy(Tier.INTERACTIVE).time_limit_s,
+            delay_of=self._interactive_delay_s) \
+            if self.settings.preemption and Tier.INTERACTIVE in self.tiers else None
         store = services.store
         store.accountant = replace(store.accountant,
                                    observers=(*store.accountant.observers, self.metrics.charged))
@@ -76,6 +84,8 @@ class Runtime:
                 self.resources[spec.name] = spec.setup(self.settings)
 
     def close(self) -> None:
+        if self.in_place is not None:
+            self.in_place.close()
         self.services.close()
 
     # --- entry points ------------------------------------------------------------------------
@@ -111,6 +121,21 @@ class Runtime:
         self.buffers.done(processing)
         return {k: v for k, v in states.items() if v is not None}
 
+    def _interactive_delay_s(self, kind: str) -> float:
+        spec = self.services.kinds.get(kind)
+        policy = self.settings.policy(Tier.INTERACTIVE)
+        return (spec.batch.delay_ms(policy) if spec.batch else policy.max_queue_delay_ms) / 1000
+
+    def run_message(self, task: str, args: list[Any], message_id: str) -> None:
+        """Run one task message the way its Celery task would (for work run in place)."""
+        if task == BATCH_TASK:
+            kind, key, tier = args
+            self.execute_batch(kind, key, tier, message_id)
+        elif task == RUN_TASK:
+            self.execute(args[0])
+        else:
+            raise ValueError(f"not a job task: {task!r}")
+
     # --- running -----------------------------------------------------------------------------
 
     def _run_claims(self, claims: Sequence[Claim]) -> dict[str, str | None]:
@@ -145,7 +170,9 @@ class Runtime:
                               context(spec, [claim], self.worker, self.resources.get(spec.name)),
                               policy=policy, segment=self._segment(spec),
                               check=HigherTierCheck(self.services.redis, Tier(claim.tier),
-                                                    enabled=self.settings.preemption),
+                                                    enabled=self.settings.preemption,
+                                                    served=self.tiers),
+                              in_place=self.in_place,
                               results=self.results, outcomes=outcomes,
                               window_open=self.windows.open_check(claim.window)
                               if claim.window else None)
