@@ -284,7 +284,10 @@ def verdicts(fig: dict[str, Any]) -> dict[str, Any]:
         "offline_with_load_over_alone_slot_corrected": round(slot_corrected / alone, 3),
         "interactive_share_of_machine": round(interactive_share, 4),
         "offline_with_load_over_alone_all_corrected": round(full_corrected / alone, 3),
-        "offline_target_0_9_met": full_corrected / alone >= 0.9,
+        # The target's figure: slot time is what the interactive runs took from offline work
+        # (the all-corrected one also removes PostgreSQL's and the client's CPU, which may
+        # overlap the runs' own waits: an upper bound)
+        "offline_target_0_9_met": slot_corrected / alone >= 0.9,
         "fair_shares": share,
         "fair_target_met": all(0.4 <= v <= 0.6 for v in share.values()),
     }
@@ -313,15 +316,16 @@ def markdown(report: dict[str, Any]) -> str:
               f"{v['offline_with_load_over_alone_cpu_corrected']:.3f} after removing the "
               f"{fig['d_ours_preemption']['interactive_cpu_share_of_slots']:.1%} of slot time "
               f"the interactive jobs' model calls used; "
-              f"{v['offline_with_load_over_alone_slot_corrected']:.3f} after removing the "
+              f"**{v['offline_with_load_over_alone_slot_corrected']:.3f}** after removing the "
               f"{fig['d_ours_preemption']['interactive_slot_share']:.1%} of slot time their "
-              f"{fig['d_ours_preemption']['interactive_runs']} runs took, claim to finish; "
-              f"**{v['offline_with_load_over_alone_all_corrected']:.3f}** after removing all "
-              f"{v['interactive_share_of_machine']:.1%} of the machine the interactive load "
-              "took: those runs, the submitting client, and what PostgreSQL, Redis and the "
-              "worker's main process used beyond the offline-alone run; target >= 0.9: "
-              f"{'met' if v['offline_target_0_9_met'] else 'NOT met'}; "
-              f"{fig['d_ours_preemption']['preemptions']} preemptions of chunks).", "",
+              f"{fig['d_ours_preemption']['interactive_runs']} runs took, claim to finish "
+              f"(target >= 0.9: {'met' if v['offline_target_0_9_met'] else 'NOT met'}); "
+              f"{v['offline_with_load_over_alone_all_corrected']:.3f} if the submitting "
+              "client's CPU and what PostgreSQL, Redis and the worker's main process used "
+              "beyond the offline-alone run are removed as well ("
+              f"{v['interactive_share_of_machine']:.1%} of the machine in all: an upper "
+              "bound, as those overlap the runs' own waits); "
+              f"{fig['d_ours_preemption']['preemptions']} full preemptions of chunks).", "",
               f"Two equal tenants, both backlogged: shares of items done {v['fair_shares']} "
               f"(target 50% +/- 10%: {'met' if v['fair_target_met'] else 'NOT met'}).", ""]
     return "\n".join(lines)
