@@ -112,8 +112,9 @@ class TierLoad:
 
 
 def record_service(client: redis.Redis, tier: Tier | str, wall_seconds: float, jobs: int,
-                   *, pipe: redis.client.Pipeline | None = None) -> None:
-    """Fold one finished batch (or job) into the tier's seconds-per-job EWMA.
+                   *, pipe: redis.client.Pipeline | None = None,
+                   field: str | None = None) -> None:
+    """Fold one finished batch (or job) into the tier's seconds-per-job EWMA (or ``field``'s).
 
     Called by the worker runtime once per batch, not per job; with ``pipe`` the update is only
     queued on that pipeline (the caller sends it with its other commands). Best effort: a Redis
@@ -122,7 +123,7 @@ def record_service(client: redis.Redis, tier: Tier | str, wall_seconds: float, j
     if jobs <= 0 or wall_seconds < 0 or not math.isfinite(wall_seconds):
         return
     weight = 1.0 - (1.0 - EWMA_ALPHA) ** jobs
-    args = (Tier(tier).value, repr(wall_seconds / jobs), repr(weight))
+    args = (field or Tier(tier).value, repr(wall_seconds / jobs), repr(weight))
     if pipe is not None:  # EVAL, not EVALSHA: a pipeline with scripts adds a SCRIPT EXISTS trip
         pipe.eval(_RECORD, 1, SERVICE_KEY, *args)
         return

@@ -30,6 +30,62 @@ from orchestrator.tiers import Tier
 
 BATCH_TASK = "orchestrator.batch"
 
+# --- plain kinds travel in batches too, when they are short ----------------------------------
+# A kind without a batch policy runs one job per call, but its jobs need not each be a Celery
+# message with its own claim and finish transaction: once the kind's measured slot time per job
+# (``kind_service_field`` in ``orch:svc``) says a few fit in ``PLAIN_TAKE_BUDGET_S``, submits
+# push its jobs onto a buffer like a batch kind's (no delay: the trigger goes out when the
+# buffer turns non-empty, or fills), and a worker takes as many as fit the budget, claims them
+# in one statement, runs each alone and finishes them in one transaction. A long or never
+# measured kind keeps one message per job, so a slow job never holds up others in one slot.
+
+#: seconds of expected work one take of plain jobs may hold (the priority inversion it bounds)
+PLAIN_TAKE_BUDGET_S = 0.05
+#: the most plain jobs one take runs
+PLAIN_BATCH_MAX = 32
+#: buffer key of a plain kind's jobs (one buffer per tier and kind)
+PLAIN_KEY = "-"
+#: how long a process trusts the service times it read
+SERVICE_CACHE_S = 1.0
+
+
+def kind_service_field(kind: str) -> str:
+    """The ``orch:svc`` field holding a kind's slot seconds per job (an EWMA)."""
+    return f"kind:{kind}"
+
+
+def plain_take(service_s: float | None) -> int:
+    """How many jobs of a plain kind one take runs; 0: send its jobs one message each."""
+    if service_s is None or service_s <= 0:
+        return 0 if service_s is None else PLAIN_BATCH_MAX
+    n = int(PLAIN_TAKE_BUDGET_S / service_s)
+    return min(n, PLAIN_BATCH_MAX) if n >= 2 else 0
+
+
+class ServiceTimes:
+    """A per-process cache of the kinds' measured slot seconds per job (from ``orch:svc``)."""
+
+    def __init__(self, client: redis.Redis, key: str = "orch:svc") -> None:
+        self._redis = client
+        self._key = key
+        self._cache: dict[str, tuple[float | None, float]] = {}
+
+    def get(self, kind: str) -> float | None:
+        now = time.monotonic()
+        hit = self._cache.get(kind)
+        if hit is not None and now - hit[1] < SERVICE_CACHE_S:
+            return hit[0]
+        try:
+            raw = self._redis.hget(self._key, kind_service_field(kind))
+        except redis.RedisError:
+            raw = None  # unknown: one message per job, the safe path
+        value = float(raw) if raw is not None else None
+        self._cache[kind] = (value, now)
+        return value
+
+    def take(self, kind: str) -> int:
+        return plain_take(self.get(kind))
+
 # KEYS: buffer, processing list, pending-trigger counter.
 # ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s.
 # Returns {retrigger_ms or -1, item, item, ...}.

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from redis import RedisError
 
 from orchestrator.admission import Admission
-from orchestrator.batching import Buffers
+from orchestrator.batching import PLAIN_BATCH_MAX, PLAIN_KEY, Buffers, ServiceTimes
 from orchestrator.broker import publish
 from orchestrator.db.models import JobState
 from orchestrator.db.store import AttemptView, JobView, NewJob, utcnow
@@ -89,6 +89,7 @@ class Client:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.settings = services.settings
+        self._service = ServiceTimes(services.redis)
         self._buffers = Buffers(services.redis, services.celery,
                                 processing_ttl_s=services.settings.visibility_timeout_s)
         self._admission = Admission(services.redis, services.settings)
@@ -191,6 +192,12 @@ class Client:
                         priority=policy.priority, job_id=job_id, enqueued_at=now,
                         max_batch=spec.batch.size(policy), delay_ms=spec.batch.delay_ms(policy),
                         time_limit=policy.time_limit_s,
+                    )
+                elif self._service.take(kind):  # short: travels with others (batching.py)
+                    self._buffers.push(
+                        tier=chosen, kind=kind, key=PLAIN_KEY, priority=policy.priority,
+                        job_id=job_id, enqueued_at=now, max_batch=PLAIN_BATCH_MAX,
+                        delay_ms=0.0, time_limit=policy.time_limit_s,
                     )
                 else:
                     publish(self.services.celery, job_id, chosen, policy.priority,
@@ -305,12 +312,12 @@ class Client:
 
     def _withdraw(self, spec: KindSpec, model: BaseModel, tier: Tier, job_id: str,
                   enqueued_at: datetime) -> None:
-        if spec.batch is not None:
-            try:
-                self._buffers.remove(tier=tier, kind=spec.name, key=spec.batch_key(model),
-                                     job_id=job_id, enqueued_at=enqueued_at)
-            except RedisError:
-                log.warning("job %s: could not take it back from its buffer", job_id)
+        try:  # a plain kind's job may be in its buffer too; removing a missing item is a no-op
+            key = spec.batch_key(model) if spec.batch is not None else PLAIN_KEY
+            self._buffers.remove(tier=tier, kind=spec.name, key=key, job_id=job_id,
+                                 enqueued_at=enqueued_at)
+        except RedisError:
+            log.warning("job %s: could not take it back from its buffer", job_id)
         self.services.store.delete_unpublished(job_id)
 
     # --- follow ------------------------------------------------------------------------------

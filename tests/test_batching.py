@@ -7,10 +7,22 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 
 from orchestrator import Client, JobFailed
-from orchestrator.batching import buffer_key
+from orchestrator.batching import (
+    PLAIN_BATCH_MAX,
+    PLAIN_KEY,
+    PLAIN_TAKE_BUDGET_S,
+    SERVICE_CACHE_S,
+    buffer_key,
+    kind_service_field,
+    plain_take,
+)
+from orchestrator.broker import queue_key
+from orchestrator.db.models import jobs
+from orchestrator.errors import ServiceUnavailable
+from orchestrator.tiers import Tier
 from tests.conftest import WorkerProcess
 from workers.runtime import Runtime
 
@@ -140,3 +152,96 @@ def test_a_full_batch_is_flushed_at_once_by_real_workers(
     assert sum(j.batch_size or 0 for j in jobs) / len(jobs) > 2
     time.sleep(0.5)
     assert redis_client.llen(buffer_key("nearline", "upper", "g")) == 0
+
+
+# --- plain kinds travel in batches once they are known to be short ---------------------------
+
+
+def _plain_buffer(tier: str, kind: str) -> str:
+    return buffer_key(tier, kind, PLAIN_KEY)
+
+
+def test_a_plain_kind_travels_alone_until_it_is_measured_short(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    first = client.submit("burn", {"ms": 1})
+    # Never measured: one message of its own, no buffer.
+    assert redis_client.llen(queue_key(Tier.NEARLINE, 3)) == 1
+    assert redis_client.llen(_plain_buffer("nearline", "burn")) == 0
+    assert runtime.execute(first.id) == "succeeded"
+    measured = float(redis_client.hget("orch:svc", kind_service_field("burn")) or 0)
+    assert measured > 0  # the run recorded the kind's slot time per job
+    # (Claim and finish are part of it: on a slow disk that may exceed the budget; pin it.)
+    redis_client.hset("orch:svc", kind_service_field("burn"), str(PLAIN_TAKE_BUDGET_S / 10))
+    time.sleep(SERVICE_CACHE_S)  # the client re-reads what it cached
+    handles = [client.submit("burn", {"ms": 1}) for _ in range(5)]
+    assert redis_client.llen(_plain_buffer("nearline", "burn")) == 5
+    # One trigger for the lot (the buffer turned non-empty once), not five messages.
+    assert redis_client.llen(queue_key(Tier.NEARLINE, 3)) == 2
+    states = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "plain-1")
+    assert sorted(states.values()) == ["succeeded"] * 5
+    jobs = [h.job() for h in handles]
+    # Each ran alone: its own result, attempt and CPU; no batch id (no shared model call).
+    assert all(j.result is not None and j.result["ms"] == 1 for j in jobs)
+    assert all(j.batch_id is None and j.attempts == 1 for j in jobs)
+    assert all((j.cpu_seconds or 0) >= 0.0009 for j in jobs)
+
+
+def test_plain_jobs_in_one_take_fail_and_retry_each_on_their_own(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    redis_client.hset("orch:svc", kind_service_field("burn"), "0.001")
+    good = client.submit("burn", {"ms": 1})
+    flaky = client.submit("burn", {"ms": 1, "fail_attempts": 1})
+    broken = client.submit("burn", {"ms": 1, "fail_permanently": True})
+    states = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "plain-2")
+    assert states == {good.id: "succeeded", flaky.id: "queued", broken.id: "failed"}
+    assert "fail attempt 1" in (client.attempts(flaky.id)[0].error or "")
+
+
+def test_a_take_of_plain_jobs_holds_only_what_fits_its_budget(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    redis_client.hset("orch:svc", kind_service_field("burn"), "0.01")  # 10 ms a job: 5 fit
+    assert plain_take(0.01) == 5 and plain_take(0.04) == 0 and plain_take(None) == 0
+    handles = [client.submit("burn", {"ms": 1}) for _ in range(8)]
+    first = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "take-1")
+    assert len(first) == 5
+    assert redis_client.llen(_plain_buffer("nearline", "burn")) == 3
+    second = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "take-2")
+    assert len(second) == 3 and all(h.status() == "succeeded" for h in handles)
+
+
+def test_a_plain_job_refused_after_its_push_leaves_nothing_in_its_buffer(
+    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_client.hset("orch:svc", kind_service_field("echo"), "0.001")
+    from orchestrator.batching import Buffers
+
+    def refuse(self: Buffers, **_: object) -> None:
+        raise redis.ConnectionError("broker went away")
+
+    original = Buffers.trigger
+    monkeypatch.setattr(Buffers, "trigger", refuse)
+    with pytest.raises(ServiceUnavailable):
+        client.submit("echo", {"n": 1})
+    monkeypatch.setattr(Buffers, "trigger", original)
+    assert redis_client.llen(_plain_buffer("interactive", "echo")) == 0
+    with client.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(jobs)).scalar() == 0
+
+
+@pytest.mark.e2e
+def test_a_backlog_of_short_plain_jobs_drains_through_real_workers_in_takes(
+    client: Client, start_worker: Callable[..., WorkerProcess], redis_client: redis.Redis
+) -> None:
+    redis_client.hset("orch:svc", kind_service_field("echo"), "0.002")  # 25 fit a take
+    handles = [client.submit("echo", {"n": i}) for i in range(200)]
+    assert redis_client.llen(_plain_buffer("interactive", "echo")) == 200
+    start_worker(concurrency=2)
+    jobs = client.wait(handles, timeout=60)
+    assert [j.result for j in jobs] == [{"n": i} for i in range(200)]
+    assert {len(client.attempts(h.id)) for h in handles} == {1}
+    # A take's jobs are claimed together (one start time); takes are bounded by the budget.
+    starts = [client.attempts(h.id)[0].started_at for h in handles]
+    assert 200 / PLAIN_BATCH_MAX <= len(set(starts)) <= 200 / 4

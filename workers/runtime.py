@@ -20,7 +20,13 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.admission import record_service
-from orchestrator.batching import BATCH_TASK, Buffers, processing_key
+from orchestrator.batching import (
+    BATCH_TASK,
+    Buffers,
+    ServiceTimes,
+    kind_service_field,
+    processing_key,
+)
 from orchestrator.broker import RUN_TASK, publish
 from orchestrator.db.models import JobState, Outcome
 from orchestrator.db.store import Claim, Finish, utcnow
@@ -68,6 +74,7 @@ class Runtime:
         self._leases = {tier: policy.lease_s for tier, policy in self.settings.tiers.items()}
         self.leases = LeaseKeeper(services.store)
         self.metrics = WorkerMetrics()
+        self.service_times = ServiceTimes(services.redis)
         self.in_place = InPlaceServer(
             services.celery, services.redis, self.run_message,
             time_limit_s=self.settings.policy(Tier.INTERACTIVE).time_limit_s,
@@ -101,8 +108,10 @@ class Runtime:
         """Run one batch trigger: take buffered jobs, run them as one call, finish them at once."""
         spec = self.services.kinds.get(kind)
         policy = self.settings.policy(Tier(tier))
-        size = spec.batch.size(policy) if spec.batch else policy.max_batch_size
-        delay = spec.batch.delay_ms(policy) if spec.batch else policy.max_queue_delay_ms
+        if spec.batch is not None:
+            size, delay = spec.batch.size(policy), spec.batch.delay_ms(policy)
+        else:  # a plain kind's jobs: as many as fit the take budget, no batching delay
+            size, delay = max(self.service_times.take(kind), 1), 0.0
         processing = processing_key(message_id)
         taken = self.buffers.take(tier=Tier(tier), kind=kind, key=key, processing=processing,
                                   max_batch=size, delay_ms=delay)
@@ -124,7 +133,7 @@ class Runtime:
     def _interactive_delay_s(self, kind: str) -> float:
         spec = self.services.kinds.get(kind)
         policy = self.settings.policy(Tier.INTERACTIVE)
-        return (spec.batch.delay_ms(policy) if spec.batch else policy.max_queue_delay_ms) / 1000
+        return spec.batch.delay_ms(policy) / 1000 if spec.batch else 0.0
 
     def run_message(self, task: str, args: list[Any], message_id: str) -> None:
         """Run one task message the way its Celery task would (for work run in place)."""
@@ -177,8 +186,12 @@ class Runtime:
                               window_open=self.windows.open_check(claim.window)
                               if claim.window else None)
                 rest = [(c, m) for c, m in runnable if not self._is_chunk(spec, c)]
-                if rest:
-                    call_kind(spec, rest, self.worker, self.resources.get(spec.name), outcomes)
+                resources = self.resources.get(spec.name)
+                if rest and spec.batch is not None:
+                    call_kind(spec, rest, self.worker, resources, outcomes)
+                else:  # a plain kind runs each job alone, even when they travelled together
+                    for pair in rest:
+                        call_kind(spec, [pair], self.worker, resources, outcomes)
         return self._finish(outcomes)
 
     @staticmethod
@@ -201,8 +214,13 @@ class Runtime:
             started = min(f.claim.started_at for f in finishes)
             seconds, tier = (utcnow() - started).total_seconds(), finishes[0].claim.tier
 
+            kinds = {f.claim.kind for f in finishes}
+
             def record(pipe: Any) -> None:
                 record_service(self.services.redis, tier, seconds, len(finishes), pipe=pipe)
+                if len(kinds) == 1:  # the kind's own slot time per job (batching.plain_take)
+                    record_service(self.services.redis, tier, seconds, len(finishes),
+                                   pipe=pipe, field=kind_service_field(kinds.pop()))
         states: dict[str, str | None] = {}
         ended: list[tuple[str, str]] = []
         for finish in finishes:
