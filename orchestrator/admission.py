@@ -185,15 +185,21 @@ class Admission:
                         service_s=float(service) if service else None,
                         slots=_slots(tier, raw[2:]))
 
-    def check(self, tier: Tier) -> TierLoad:
+    def check(self, tier: Tier) -> TierLoad | None:
         """Admit one more job to ``tier`` or refuse it; return the load it was judged on.
+
+        A tier with no backlog cap and no wait objective can refuse nothing: no load is read
+        (and None is returned), which saves a Redis round trip per submit.
 
         Raises:
             Overloaded: the tier's objective or one of its backlog caps refuses the job.
             ServiceUnavailable: Redis does not answer.
         """
+        policy = self.settings.policy(tier)
+        if not (policy.hard_backlog or policy.max_backlog or policy.queue_wait_objective_s):
+            return None
         load = self.load(tier)
-        refusal = decide(self.settings.policy(tier), load)
+        refusal = decide(policy, load)
         if refusal is not None:
             log.info("refused a %s submit (%s): backlog %d, est. wait %s, retry after %gs",
                      tier.value, refusal.reason, load.backlog, load.estimated_wait_s,

@@ -28,6 +28,7 @@ Three quotas, each off while its column on ``tenants`` is NULL:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -47,6 +48,8 @@ from orchestrator.db.models import JobState, jobs, tenants
 from orchestrator.db.store import _insert_ignore, utcnow
 from orchestrator.errors import InvalidOption, QuotaExceeded, ServiceUnavailable
 from orchestrator.tiers import TIER_ORDER, Tier
+
+log = logging.getLogger(__name__)
 
 #: Seconds a tenant's month-to-date spend is reused before it is summed again.
 SPEND_CACHE_S = 10
@@ -123,11 +126,25 @@ def _in_flight(tenant: str, tier: str) -> Any:
                 jobs.c.state.in_(JobState.ACTIVE), jobs.c.parent_id.is_(None))
 
 
-class TenantStore:
-    """Tenants' quotas and what they use, in the database (no Redis needed)."""
+#: Redis counter bumped by every quota change made through ``TenantStore.set``: processes that
+#: cache tenants' quotas (``Quotas``) re-read them when it moves.
+VERSION_KEY = "orch:tenants:version"
+#: A cached quota is re-read after this long even if the version did not move (a change made
+#: without Redis, or straight in the database, takes effect within it).
+QUOTA_CACHE_S = 5.0
 
-    def __init__(self, engine: Engine) -> None:
+
+class TenantStore:
+    """Tenants' quotas and what they use, in the database.
+
+    With ``client``, each change also bumps ``VERSION_KEY`` so that submitting processes see it
+    at their next submit; without Redis (or when it does not answer) they see it within
+    ``QUOTA_CACHE_S``.
+    """
+
+    def __init__(self, engine: Engine, client: redis.Redis | None = None) -> None:
         self.engine = engine
+        self.redis = client
 
     def get(self, name: str) -> TenantQuotas | None:
         with self.engine.connect() as conn:
@@ -184,6 +201,12 @@ class TenantStore:
                 weight=new.weight, max_inflight=new.max_inflight or None,
                 rate_per_s=new.rate_per_s, burst=new.burst, monthly_budget=new.monthly_budget,
             ))
+        if self.redis is not None:
+            try:
+                self.redis.incr(VERSION_KEY)
+            except redis.RedisError:
+                log.info("tenant %s: quotas changed, Redis did not answer; running clients "
+                         "apply them within %gs", name, QUOTA_CACHE_S)
         return new
 
     def inflight(self, tenant: str, tier: Tier | str, *, cap: int | None = None) -> int:
@@ -246,11 +269,30 @@ class Quotas:
     """Checks a tenant's quotas for one more submit."""
 
     def __init__(self, engine: Engine, client: redis.Redis, *, redis_url: str) -> None:
-        self.tenants = TenantStore(engine)
+        self.tenants = TenantStore(engine, client)
         self.redis = client
+        #: tenant -> (quotas, version they were read at, monotonic time read)
+        self._cache: dict[str, tuple[TenantQuotas | None, bytes | None, float]] = {}
         storage = RedisStorage(redis_url, connection_pool=client.connection_pool,
                                key_prefix=RATE_KEY_PREFIX)
         self._limiter = MovingWindowRateLimiter(storage)
+
+    def _quotas(self, tenant: str) -> TenantQuotas | None:
+        """The tenant's quotas: cached while the version key stands still (one Redis GET
+        instead of a database read per submit), re-read when it moves or every few seconds."""
+        try:
+            version = self.redis.get(VERSION_KEY)
+        except redis.RedisError:
+            return self.tenants.get(tenant)  # no version to trust: read through
+        now = time.monotonic()
+        hit = self._cache.get(tenant)
+        if hit is not None and hit[1] == version and now - hit[2] < QUOTA_CACHE_S:
+            return hit[0]
+        quotas = self.tenants.get(tenant)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[tenant] = (quotas, version, now)
+        return quotas
 
     def check(self, tenant: str, tier: Tier) -> None:
         """Admit one more submit of ``tenant`` to ``tier`` or refuse it.
@@ -261,7 +303,7 @@ class Quotas:
             QuotaExceeded: names the quota that refused it.
             ServiceUnavailable: Redis does not answer the rate check.
         """
-        quotas = self.tenants.get(tenant)
+        quotas = self._quotas(tenant)
         if quotas is None or not quotas.limited:
             return
         limit = quotas.max_inflight.get(tier.value)

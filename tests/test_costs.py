@@ -267,7 +267,8 @@ def test_a_cancelled_job_is_charged_for_the_attempts_that_ran(priced_client: Cli
 def test_monthly_budgets_trip_on_real_spend(
     priced_client: Client, priced_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
-    TenantStore(priced_client.services.engine).set("acme", monthly_budget=Decimal("0.000001"))
+    TenantStore(priced_client.services.engine, priced_client.services.redis).set(
+        "acme", monthly_budget=Decimal("0.000001"))
     handle = priced_client.submit("burn", {"ms": 40}, tenant="acme", tier="interactive")
     assert priced_runtime.execute(handle.id) == "succeeded"
     cost = handle.job().cost

@@ -19,6 +19,7 @@ from orchestrator import Client
 from orchestrator.db.models import jobs
 from orchestrator.errors import InvalidOption, QuotaExceeded
 from orchestrator.quotas import TenantStore, month_start, next_month_start, rate_item
+from orchestrator.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,7 @@ def _refused(client: Client, r: redis.Redis, submit: Callable[[], object]) -> Qu
 
 
 def _tenants(client: Client) -> TenantStore:
-    return TenantStore(client.services.engine)
+    return TenantStore(client.services.engine, client.services.redis)
 
 
 def test_max_inflight_counts_queued_and_running_submissions_per_tier(
@@ -193,3 +194,14 @@ def test_tenants_cli_sets_and_lists_quotas_that_submit_then_enforces(client: Cli
     assert bad.returncode == 1
     assert bad.stderr.strip() == (
         "error: unknown tier 'urgent'; choose from interactive, nearline, offline")
+
+
+def test_a_quota_change_reaches_a_running_client_at_its_next_submit(
+    client: Client, settings: Settings
+) -> None:
+    with Client.from_settings(settings) as other:  # e.g. `orchestrator tenants set` elsewhere
+        client.submit("echo", {"n": 1}, tenant="acme")  # reads (and caches) no quota
+        TenantStore(other.services.engine, other.services.redis).set(
+            "acme", max_inflight={"interactive": 1})
+        with pytest.raises(QuotaExceeded):
+            client.submit("echo", {"n": 2}, tenant="acme")

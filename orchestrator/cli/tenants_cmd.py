@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
+import redis
 import typer
 from rich.table import Table
 
@@ -27,10 +28,15 @@ _OFF = ("none", "off")
 
 @contextmanager
 def _tenants() -> Iterator[TenantStore]:
-    engine = open_database(Settings.from_env())
+    settings = Settings.from_env()
+    engine = open_database(settings)
+    # Changes bump a version in Redis so running clients re-read quotas at their next submit.
+    client = redis.Redis.from_url(settings.redis_url(), socket_connect_timeout=2,
+                                  socket_timeout=2)
     try:
-        yield TenantStore(engine)
+        yield TenantStore(engine, client)
     finally:
+        client.close()
         engine.dispose()
 
 
