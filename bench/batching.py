@@ -10,7 +10,8 @@ flushed), with all-MiniLM-L6-v2 int8 sentences of exactly 32 tokens:
    B texts; sentences/s of both together, median of the rounds. This is the ceiling.
 1. ``drain``: ``--drain-jobs`` single-text ``embed`` jobs are submitted with the worker stopped,
    then one worker (2 processes, ``ORCH_MODEL_THREADS=1``, ``ORCH_MODEL_BATCH=B``, the tier's
-   ``max_batch_size=B``) drains them; rate from the first claim to the last finish.
+   default ``max_batch_size``: 64 jobs per batch for nearline, run as model calls of B) drains
+   them; rate from the first claim to the last finish.
 2. ``open``: single-text jobs on the interactive tier arrive as a Poisson process at fractions
    of the raw rate; percentiles of time-in-queue (``queue_seconds``: enqueue to claim) and of
    end-to-end latency (``finished_at - created_at``), and the mean batch fill.
@@ -56,6 +57,7 @@ from orchestrator.db.models import JobState, jobs  # noqa: E402
 from orchestrator.errors import Overloaded  # noqa: E402
 from orchestrator.local import LocalWorker  # noqa: E402
 from orchestrator.settings import Settings  # noqa: E402
+from orchestrator.tiers import DEFAULT_POLICIES, Tier  # noqa: E402
 from workers.models.embedding import (  # noqa: E402
     DEFAULT_EMBEDDING_MODEL,
     EmbeddingModel,
@@ -707,7 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="raw rounds right before and after the drain and the bulk run")
     p.add_argument("--drain-jobs", type=int, default=20_000)
     p.add_argument("--drain-max-batch", type=int, default=None,
-                   help="the drain tier's max_batch_size (default: B)")
+                   help="the drain tier's max_batch_size (default: the tier's own default, "
+                        "64 for nearline; model calls are of B either way)")
     p.add_argument("--drain-tier", default="nearline", choices=["interactive", "nearline",
                                                                  "offline"])
     p.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of the raw rate")
@@ -736,7 +739,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.bulk_items, args.raw_rounds = min(args.bulk_items, 10_000), min(args.raw_rounds, 3)
         args.raw_sentences, args.bracket_rounds = min(args.raw_sentences, 512), 1
     args.loads = [float(x) for x in args.loads.split(",") if x]
-    args.drain_max_batch = args.drain_max_batch or args.batch
+    args.drain_max_batch = args.drain_max_batch or \
+        DEFAULT_POLICIES[Tier(args.drain_tier)].max_batch_size
     args.raw_batches = sorted({args.batch, *(int(x) for x in args.raw_batches.split(",") if x)})
     args.only = [s for s in args.only.split(",") if s]
     if unknown := set(args.only) - set(STEPS):
