@@ -18,6 +18,7 @@ keeps a drain of a long backlog at about one message per batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -47,6 +48,10 @@ PLAIN_BATCH_MAX = 32
 PLAIN_KEY = "-"
 #: how long a process trusts the service times it read
 SERVICE_CACHE_S = 1.0
+#: how long one trigger's task keeps taking a plain kind's newly arrived jobs before it hands
+#: its slot back to Celery (which then serves the most urgent message): the drain loop's
+#: bound on priority inversion
+PLAIN_DRAIN_BUDGET_S = 0.25
 
 
 def kind_service_field(kind: str) -> str:
@@ -121,6 +126,54 @@ return out
 """
 
 
+# A plain kind's push. KEYS: buffer, buffers set, transport hash, pending counter, drain flag.
+# ARGV: item, job id, attempt, max batch, pending ttl s.
+# Returns 1 when the caller must publish a trigger (already counted as pending), else 0.
+# No trigger while a worker drains the buffer (it takes what arrives) or while one is pending
+# (it will take this job), unless a full batch more has piled up (another slot may start).
+_PUSH_PLAIN = """
+local len = redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+local full = len % tonumber(ARGV[4]) == 0
+if not full then
+  if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+  if tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then return 0 end
+end
+redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], tonumber(ARGV[5]))
+return 1
+"""
+
+# A draining worker's next take. KEYS: buffer, processing list, drain flag.
+# ARGV: max batch, processing ttl s, drain ttl ms. Returns the items taken; none: the buffer
+# was empty and the flag is cleared, in the same atomic step a push checks it in.
+_TAKE_MORE = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items == 0 then
+  redis.call('DEL', KEYS[3])
+  return {}
+end
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('RPUSH', KEYS[2], unpack(items))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[3]))
+return items
+"""
+
+# A draining worker stops (its budget is spent). KEYS: buffer, pending counter, drain flag.
+# ARGV: pending ttl s. Returns 1 when jobs remain and a trigger must go out (counted).
+_STOP_DRAIN = """
+redis.call('DEL', KEYS[3])
+if redis.call('LLEN', KEYS[1]) > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') == 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+  return 1
+end
+return 0
+"""
+
+
 def buffer_key(tier: Tier | str, kind: str, key: str) -> str:
     return f"orch:buf:{Tier(tier).value}:{kind}:{key}"
 
@@ -132,6 +185,11 @@ def buffers_set(tier: Tier | str) -> str:
 
 def pending_key(buffer: str) -> str:
     return f"{buffer}:pending"
+
+
+def drain_key(buffer: str) -> str:
+    """Present while a worker drains ``buffer`` take after take (plain kinds)."""
+    return f"{buffer}:draining"
 
 
 def processing_key(message_id: str) -> str:
@@ -166,15 +224,30 @@ class Buffers:
         self.processing_ttl_s = int(processing_ttl_s)
         self.pending_ttl_s = int(pending_ttl_s)
         self._take = client.register_script(_TAKE)
+        self._push_plain = client.register_script(_PUSH_PLAIN)
+        self._take_more = client.register_script(_TAKE_MORE)
+        self._stop_drain = client.register_script(_STOP_DRAIN)
 
     def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
              enqueued_at: datetime, max_batch: int, delay_ms: float,
-             time_limit: float | None = None, attempt: int = 0) -> None:
+             time_limit: float | None = None, attempt: int = 0, plain: bool = False) -> None:
         """Buffer one job and publish the trigger it needs, if any.
 
-        ``attempt`` is the job's attempt count now, recorded for the reconciler.
+        ``attempt`` is the job's attempt count now, recorded for the reconciler. ``plain``: a
+        plain kind's job (no delay; no trigger while a worker drains the buffer or one is
+        pending, see ``_PUSH_PLAIN``).
         """
         buffer = buffer_key(tier, kind, key)
+        if plain:
+            publish = self._push_plain(
+                keys=[buffer, buffers_set(tier), TRANSPORT_KEY, pending_key(buffer),
+                      drain_key(buffer)],
+                args=[encode_item(job_id, enqueued_at), job_id, attempt, max_batch,
+                      self.pending_ttl_s])
+            if int(publish):
+                self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
+                             counted=True, time_limit=time_limit)
+            return
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(buffer, encode_item(job_id, enqueued_at))
         pipe.sadd(buffers_set(tier), buffer)  # lets running work see what waits above it
@@ -227,6 +300,54 @@ class Buffers:
             items=[decode_item(item) for item in raw[1:]],
             retrigger_in_s=None if retrigger_ms < 0 else retrigger_ms / 1000.0,
         )
+
+    def take_more(self, *, tier: Tier, kind: str, key: str, processing: str,
+                  max_batch: int, hold_s: float) -> list[tuple[str, int]]:
+        """A draining worker's next take (plain kinds): up to ``max_batch`` jobs, or none.
+
+        Taking sets the drain flag for ``hold_s`` (pushes publish no trigger meanwhile); an
+        empty buffer clears it atomically, so a push either lands before (and is taken) or
+        sees no flag (and triggers).
+        """
+        buffer = buffer_key(tier, kind, key)
+        raw = self._take_more(keys=[buffer, processing, drain_key(buffer)],
+                              args=[max_batch, self.processing_ttl_s, int(hold_s * 1000)])
+        return [decode_item(item) for item in raw]
+
+    def hold(self, *, tier: Tier, kind: str, key: str, hold_s: float) -> None:
+        """Set the drain flag: a worker is running this buffer's jobs and will look again."""
+        self.redis.set(drain_key(buffer_key(tier, kind, key)), "1", px=int(hold_s * 1000))
+
+    def stop_draining(self, *, tier: Tier, kind: str, key: str, priority: int,
+                      time_limit: float | None = None) -> None:
+        """Clear the drain flag; publish a trigger if jobs remain and none is pending."""
+        buffer = buffer_key(tier, kind, key)
+        if int(self._stop_drain(keys=[buffer, pending_key(buffer), drain_key(buffer)],
+                                args=[self.pending_ttl_s])):
+            self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
+                         counted=True, time_limit=time_limit)
+
+    def sweep(self, tiers: tuple[Tier, ...], *, priority_of: Callable[[Tier], int],
+              time_limit_of: Callable[[Tier], float]) -> list[str]:
+        """Trigger buffers that hold jobs no trigger or drainer will take (the reconciler's).
+
+        A worker that died while draining leaves its flag to expire; jobs pushed meanwhile
+        published no trigger. Returns the buffers triggered.
+        """
+        out: list[str] = []
+        for tier in tiers:
+            for raw in self.redis.smembers(buffers_set(tier)):
+                buffer = raw.decode() if isinstance(raw, bytes) else str(raw)
+                parts = buffer.split(":", 4)
+                if len(parts) != 5 or not self.redis.llen(buffer):
+                    continue
+                if self.redis.exists(drain_key(buffer)) or \
+                        int(self.redis.get(pending_key(buffer)) or 0) > 0:
+                    continue
+                self.trigger(tier=tier, kind=parts[3], key=parts[4], priority=priority_of(tier),
+                             countdown=None, time_limit=time_limit_of(tier))
+                out.append(buffer)
+        return out
 
     def done(self, processing: str) -> None:
         """The batch is recorded in the database: forget its processing list."""

@@ -197,7 +197,7 @@ class Client:
                     self._buffers.push(
                         tier=chosen, kind=kind, key=PLAIN_KEY, priority=policy.priority,
                         job_id=job_id, enqueued_at=now, max_batch=PLAIN_BATCH_MAX,
-                        delay_ms=0.0, time_limit=policy.time_limit_s,
+                        delay_ms=0.0, time_limit=policy.time_limit_s, plain=True,
                     )
                 else:
                     publish(self.services.celery, job_id, chosen, policy.priority,

@@ -272,7 +272,7 @@ class Quotas:
         self.tenants = TenantStore(engine, client)
         self.redis = client
         #: tenant -> (quotas, version they were read at, monotonic time read)
-        self._cache: dict[str, tuple[TenantQuotas | None, bytes | None, float]] = {}
+        self._cache: dict[str, tuple[TenantQuotas | None, bytes | str | None, float]] = {}
         storage = RedisStorage(redis_url, connection_pool=client.connection_pool,
                                key_prefix=RATE_KEY_PREFIX)
         self._limiter = MovingWindowRateLimiter(storage)

@@ -16,7 +16,9 @@ from orchestrator.batching import (
     PLAIN_TAKE_BUDGET_S,
     SERVICE_CACHE_S,
     buffer_key,
+    drain_key,
     kind_service_field,
+    pending_key,
     plain_take,
 )
 from orchestrator.broker import queue_key
@@ -205,11 +207,53 @@ def test_a_take_of_plain_jobs_holds_only_what_fits_its_budget(
     redis_client.hset("orch:svc", kind_service_field("burn"), "0.01")  # 10 ms a job: 5 fit
     assert plain_take(0.01) == 5 and plain_take(0.04) == 0 and plain_take(None) == 0
     handles = [client.submit("burn", {"ms": 1}) for _ in range(8)]
-    first = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "take-1")
-    assert len(first) == 5
-    assert redis_client.llen(_plain_buffer("nearline", "burn")) == 3
-    second = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "take-2")
-    assert len(second) == 3 and all(h.status() == "succeeded" for h in handles)
+    # One trigger's task drains the buffer take after take: 5 jobs, then the other 3.
+    states = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "take-1")
+    assert len(states) == 8 and all(h.status() == "succeeded" for h in handles)
+    starts = [client.attempts(h.id)[0].started_at for h in handles]
+    assert sorted(starts.count(t) for t in set(starts)) == [3, 5]
+    assert redis_client.llen(_plain_buffer("nearline", "burn")) == 0
+    assert not redis_client.exists(drain_key(_plain_buffer("nearline", "burn")))
+
+
+def test_no_trigger_is_published_while_a_worker_drains_the_buffer_or_one_is_pending(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    redis_client.hset("orch:svc", kind_service_field("burn"), "0.001")
+    queue = queue_key(Tier.NEARLINE, 3)
+    client.submit("burn", {"ms": 1})
+    assert redis_client.llen(queue) == 1  # empty buffer, nothing pending: a trigger
+    client.submit("burn", {"ms": 1})
+    assert redis_client.llen(queue) == 1  # that trigger is still pending: it takes this too
+    redis_client.delete(queue, pending_key(_plain_buffer("nearline", "burn")))
+    redis_client.set(drain_key(_plain_buffer("nearline", "burn")), "1")  # a worker drains
+    client.submit("burn", {"ms": 1})
+    assert redis_client.llen(queue) == 0
+    states = runtime.execute_batch("burn", PLAIN_KEY, "nearline", "drainer")
+    assert len(states) == 3  # it took everything, then cleared the flag when it found none
+    assert not redis_client.exists(drain_key(_plain_buffer("nearline", "burn")))
+    client.submit("burn", {"ms": 1})
+    assert redis_client.llen(queue) == 1  # nobody drains any more: the push triggers
+
+
+def test_the_reconciler_triggers_a_buffer_that_nothing_would_take(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    from orchestrator.scheduler.reconciler import Reconciler
+    from orchestrator.transport import Transport
+
+    redis_client.hset("orch:svc", kind_service_field("burn"), "0.001")
+    queue = queue_key(Tier.NEARLINE, 3)
+    # A drainer held the flag when this job was pushed, then died: no trigger was published.
+    redis_client.set(drain_key(_plain_buffer("nearline", "burn")), "1", px=50)
+    handle = client.submit("burn", {"ms": 1})
+    assert redis_client.llen(queue) == 0
+    time.sleep(0.1)  # the dead worker's flag expires
+    reconciler = Reconciler(client.services, Transport(client.services), grace_s=30)
+    report = reconciler.check()
+    assert report.triggered == [_plain_buffer("nearline", "burn")]
+    assert redis_client.llen(queue) == 1 and handle.status() == "queued"
+    assert reconciler.check().triggered == []  # now a trigger is pending
 
 
 def test_a_plain_job_refused_after_its_push_leaves_nothing_in_its_buffer(

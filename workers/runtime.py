@@ -8,10 +8,12 @@ with one transaction, so the database is written once per batch, not once per it
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -22,6 +24,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from orchestrator.admission import record_service
 from orchestrator.batching import (
     BATCH_TASK,
+    PLAIN_DRAIN_BUDGET_S,
     Buffers,
     ServiceTimes,
     kind_service_field,
@@ -45,6 +48,10 @@ from workers.preemption import HigherTierCheck, InPlaceServer
 from workers.windowing import WindowGate
 
 log = logging.getLogger(__name__)
+
+#: how long a drain flag outlives its last take: a worker that dies while draining stops
+#: suppressing triggers this long after (the reconciler's sweep triggers what was pushed then)
+DRAIN_HOLD_S = 2.0
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -105,7 +112,12 @@ class Runtime:
         return self._run_claims(claims).get(job_id)
 
     def execute_batch(self, kind: str, key: str, tier: str, message_id: str) -> dict[str, str]:
-        """Run one batch trigger: take buffered jobs, run them as one call, finish them at once."""
+        """Run one batch trigger: take buffered jobs, run them as one call, finish them at once.
+
+        For a plain kind the task then keeps taking what arrives in the buffer, take after take,
+        for up to ``PLAIN_DRAIN_BUDGET_S`` (``_drain``): while it does, submits publish no
+        trigger. Returns the new state of every job it ran.
+        """
         spec = self.services.kinds.get(kind)
         policy = self.settings.policy(Tier(tier))
         if spec.batch is not None:
@@ -120,14 +132,49 @@ class Runtime:
             self.buffers.trigger(tier=Tier(tier), kind=kind, key=key, priority=policy.priority,
                                  countdown=taken.retrigger_in_s, counted=True,
                                  time_limit=policy.time_limit_s)
-        ids = [job_id for job_id, _ in taken.items]
+        if spec.batch is not None or not taken.items:
+            states = self._run_taken([job_id for job_id, _ in taken.items])
+            self.buffers.done(processing)
+            return states
+        start = time.monotonic()
+        self.buffers.hold(tier=Tier(tier), kind=kind, key=key, hold_s=DRAIN_HOLD_S)
+        try:
+            states = self._run_taken([job_id for job_id, _ in taken.items])
+            self.buffers.done(processing)
+            return {**states, **self._drain(kind, key, Tier(tier), message_id, size, start)}
+        except BaseException:
+            self.buffers.stop_draining(tier=Tier(tier), kind=kind, key=key,
+                                       priority=policy.priority, time_limit=policy.time_limit_s)
+            raise
+
+    def _drain(self, kind: str, key: str, tier: Tier, message_id: str, size: int,
+               start: float) -> dict[str, str]:
+        """Take a plain kind's newly arrived jobs until the buffer is empty or the budget ends."""
+        policy = self.settings.policy(tier)
+        states: dict[str, str] = {}
+        for i in itertools.count(1):
+            if time.monotonic() - start >= PLAIN_DRAIN_BUDGET_S:
+                # Hand the slot back to Celery; a trigger goes out if jobs remain.
+                self.buffers.stop_draining(tier=tier, kind=kind, key=key,
+                                           priority=policy.priority,
+                                           time_limit=policy.time_limit_s)
+                return states
+            processing = processing_key(f"{message_id}:{i}")
+            items = self.buffers.take_more(tier=tier, kind=kind, key=key, processing=processing,
+                                           max_batch=size, hold_s=DRAIN_HOLD_S)
+            if not items:  # empty: the flag is already cleared
+                return states
+            states.update(self._run_taken([job_id for job_id, _ in items]))
+            self.buffers.done(processing)
+        raise AssertionError("unreachable")
+
+    def _run_taken(self, ids: list[str]) -> dict[str, str]:
         claims = self.services.store.claim_many(ids, self.worker, self._leases)
         claimed = {c.job_id for c in claims}
         for job_id in ids:
             if job_id not in claimed:
                 self._not_claimable(job_id)
         states = self._run_claims(claims) if claims else {}
-        self.buffers.done(processing)
         return {k: v for k, v in states.items() if v is not None}
 
     def _interactive_delay_s(self, kind: str) -> float:

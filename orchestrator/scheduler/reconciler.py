@@ -13,6 +13,9 @@ at most once per check, recording why in ``job_events``:
   time-limit kill that acknowledged the message). The message goes out once per expired
   attempt (``orch:takeover``); the claim takes the job over, or marks it dead when no attempt
   is left.
+- **batch buffers nothing will take**: jobs in a buffer with no trigger pending and no worker
+  draining it (a worker died while draining a plain kind's buffer, and the jobs pushed while
+  its flag lasted published no trigger). Each such buffer gets a trigger.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from orchestrator.batching import Buffers
 from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY
 from orchestrator.db.deferral import lease_expired, queued_due, record_events
 from orchestrator.db.models import JobState
 from orchestrator.db.store import utcnow
 from orchestrator.services import Services
+from orchestrator.tiers import Tier
 from orchestrator.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ class Report:
 
     republished: list[str] = field(default_factory=list)
     taken_over: list[str] = field(default_factory=list)
+    triggered: list[str] = field(default_factory=list)  # buffers
 
 
 def _stale(client_values: Sequence[bytes | str | None], rows: Sequence[tuple[str, int]]
@@ -86,6 +92,15 @@ class Reconciler:
                  f"{j.lease_expires_at.isoformat() if j.lease_expires_at else '?'}; "
                  "re-published for takeover") for j in running
                 if j.id in set(report.taken_over)], now=now)
+        settings = self.services.settings
+        buffers = Buffers(self.services.redis, self.services.celery,
+                          processing_ttl_s=settings.visibility_timeout_s)
+        report.triggered = buffers.sweep(
+            tuple(Tier), priority_of=lambda t: settings.policy(t).priority,
+            time_limit_of=lambda t: settings.policy(t).time_limit_s)
+        if report.triggered:
+            log.warning("reconciler: triggered %d batch buffer(s) that nothing would take: %s",
+                        len(report.triggered), ", ".join(report.triggered))
         if report.republished or report.taken_over:
             log.warning("reconciler: re-published %d queued job(s) whose message was gone and "
                         "%d running job(s) whose lease expired", len(report.republished),
