@@ -160,7 +160,7 @@ class Ours:
                              name=f"{name}@bench", log=self.tmp / f"{name}.log")
         try:
             worker.wait_ready()
-            meter = CpuMeter(worker, r, self.db)  # type: ignore[arg-type]
+            meter = CpuMeter(worker, r, self.db)
             with Client.from_settings(settings) as client:
                 return self._measure(client, rate, tenants, meter)
         finally:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from orchestrator.batching import buffers_set
+from orchestrator.batching import SERVICE_KEY, buffers_set
 from orchestrator.broker import queue_key
 from orchestrator.errors import Overloaded, ServiceUnavailable
 from orchestrator.fairness import prefix as fair_prefix
@@ -37,7 +37,6 @@ from orchestrator.tiers import PRIORITY_STEPS, Tier, TierPolicy
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEY = "orch:svc"
 #: Hash ``<tier>:<reason>`` -> submits refused with ``Overloaded`` (for ``top`` and metrics).
 SHEDS_KEY = "orch:sheds"
 WORKERS_SET = "orch:workers"

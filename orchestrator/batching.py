@@ -40,6 +40,8 @@ BATCH_TASK = "orchestrator.batch"
 # in one statement, runs each alone and finishes them in one transaction. A long or never
 # measured kind keeps one message per job, so a slow job never holds up others in one slot.
 
+#: Redis hash of measured slot seconds per job: per tier (admission control) and per kind
+SERVICE_KEY = "orch:svc"
 #: seconds of expected work one take of plain jobs may hold (the priority inversion it bounds)
 PLAIN_TAKE_BUDGET_S = 0.05
 #: the most plain jobs one take runs
@@ -61,8 +63,10 @@ def kind_service_field(kind: str) -> str:
 
 def plain_take(service_s: float | None) -> int:
     """How many jobs of a plain kind one take runs; 0: send its jobs one message each."""
-    if service_s is None or service_s <= 0:
-        return 0 if service_s is None else PLAIN_BATCH_MAX
+    if service_s is None:
+        return 0
+    if service_s <= 0:
+        return PLAIN_BATCH_MAX
     n = int(PLAIN_TAKE_BUDGET_S / service_s)
     return min(n, PLAIN_BATCH_MAX) if n >= 2 else 0
 
@@ -70,9 +74,8 @@ def plain_take(service_s: float | None) -> int:
 class ServiceTimes:
     """A per-process cache of the kinds' measured slot seconds per job (from ``orch:svc``)."""
 
-    def __init__(self, client: redis.Redis, key: str = "orch:svc") -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._key = key
         self._cache: dict[str, tuple[float | None, float]] = {}
 
     def get(self, kind: str) -> float | None:
@@ -81,7 +84,7 @@ class ServiceTimes:
         if hit is not None and now - hit[1] < SERVICE_CACHE_S:
             return hit[0]
         try:
-            raw = self._redis.hget(self._key, kind_service_field(kind))
+            raw = self._redis.hget(SERVICE_KEY, kind_service_field(kind))
         except redis.RedisError:
             raw = None  # unknown: one message per job, the safe path
         value = float(raw) if raw is not None else None
@@ -176,6 +179,18 @@ return 0
 
 def buffer_key(tier: Tier | str, kind: str, key: str) -> str:
     return f"orch:buf:{Tier(tier).value}:{kind}:{key}"
+
+
+_TIER_NAMES = frozenset(t.value for t in Tier)
+
+
+def parse_buffer_key(buffer: bytes | str) -> tuple[Tier, str, str] | None:
+    """(tier, kind, key) of a ``buffer_key``; None for anything else."""
+    text = buffer.decode() if isinstance(buffer, bytes) else buffer
+    parts = text.split(":", 4)
+    if len(parts) != 5 or parts[:2] != ["orch", "buf"] or parts[2] not in _TIER_NAMES:
+        return None
+    return Tier(parts[2]), parts[3], parts[4]
 
 
 def buffers_set(tier: Tier | str) -> str:
@@ -337,14 +352,15 @@ class Buffers:
         out: list[str] = []
         for tier in tiers:
             for raw in self.redis.smembers(buffers_set(tier)):
-                buffer = raw.decode() if isinstance(raw, bytes) else str(raw)
-                parts = buffer.split(":", 4)
-                if len(parts) != 5 or not self.redis.llen(buffer):
+                parsed = parse_buffer_key(raw)
+                if parsed is None:
                     continue
-                if self.redis.exists(drain_key(buffer)) or \
+                _, kind, key = parsed
+                buffer = buffer_key(tier, kind, key)
+                if not self.redis.llen(buffer) or self.redis.exists(drain_key(buffer)) or \
                         int(self.redis.get(pending_key(buffer)) or 0) > 0:
                     continue
-                self.trigger(tier=tier, kind=parts[3], key=parts[4], priority=priority_of(tier),
+                self.trigger(tier=tier, kind=kind, key=key, priority=priority_of(tier),
                              countdown=None, time_limit=time_limit_of(tier))
                 out.append(buffer)
         return out

@@ -224,3 +224,21 @@ def test_a_real_worker_registers_its_slots_records_service_time_and_leaves(
     assert measured is not None and 0 < measured < 30
     worker.stop()
     assert admission.load(Tier.INTERACTIVE).slots == 0  # a clean stop unregisters at once
+
+
+def test_a_tier_that_can_refuse_nothing_reads_no_load(
+    redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings.from_env({
+        "ORCH_STATE_DIR": str(tmp_path),
+        "ORCH_TIER_INTERACTIVE_QUEUE_WAIT_OBJECTIVE_S": "0",
+        "ORCH_TIER_INTERACTIVE_HARD_BACKLOG": "0",
+    })
+    admission = Admission(redis_client, settings)
+    reads: list[Tier] = []
+    original = Admission.load
+    monkeypatch.setattr(Admission, "load",
+                        lambda self, tier: reads.append(tier) or original(self, tier))
+    assert admission.check(Tier.INTERACTIVE) is None
+    assert admission.check(Tier.OFFLINE) is not None  # offline keeps its hard backlog
+    assert reads == [Tier.OFFLINE]

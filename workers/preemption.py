@@ -34,7 +34,13 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
 
-from orchestrator.batching import BATCH_TASK, buffer_key, buffers_set, decode_item
+from orchestrator.batching import (
+    BATCH_TASK,
+    buffer_key,
+    buffers_set,
+    decode_item,
+    parse_buffer_key,
+)
 from orchestrator.broker import RUN_TASK, queue_key
 from orchestrator.tiers import PRIORITY_STEPS, TIER_ORDER, Tier
 
@@ -152,17 +158,8 @@ class InPlaceServer:
                     break
                 skipped.add(message_id)
                 continue
-            try:
-                with _soft_limit(self._time_limit_s):
-                    self._dispatch(task, args, message_id)
-            except SoftTimeLimitExceeded:
-                log.warning("interactive message %s run in place hit the tier's time limit",
-                            message_id)
-            except Exception:
-                # The runtime records job failures itself; this is a broken message or a
-                # lost connection: leave it to redelivery, as a Celery task would.
-                log.exception("interactive message %s failed when run in place", message_id)
-                message.requeue()
+            if not self._run(task, args, message_id):
+                message.requeue()  # left to redelivery, as a Celery task's would be
                 break
             message.ack()
             count += 1
@@ -181,12 +178,11 @@ class InPlaceServer:
         """
         count = 0
         for raw in self._redis.smembers(buffers_set(Tier.INTERACTIVE)):
-            buffer = raw.decode() if isinstance(raw, bytes) else str(raw)
-            parts = buffer.split(":", 4)  # orch:buf:<tier>:<kind>:<key>
-            if len(parts) != 5:
+            parsed = parse_buffer_key(raw)
+            if parsed is None:
                 continue
-            kind, key = parts[3], parts[4]
-            oldest = self._redis.lindex(buffer, 0)
+            tier, kind, key = parsed
+            oldest = self._redis.lindex(buffer_key(tier, kind, key), 0)
             if oldest is None:
                 continue
             try:
@@ -195,11 +191,27 @@ class InPlaceServer:
                 continue
             if decode_item(oldest)[1] / 1000.0 + delay - time.time() > self.MAX_WAIT_S:
                 continue
-            with _soft_limit(self._time_limit_s):
-                self._dispatch(BATCH_TASK, [kind, key, Tier.INTERACTIVE.value],
-                               f"in-place-{uuid.uuid4()}")
+            if not self._run(BATCH_TASK, [kind, key, tier.value], f"in-place-{uuid.uuid4()}"):
+                break  # its jobs stay claimed or buffered: their leases or triggers recover them
             count += 1
         return count
+
+    def _run(self, task: str, args: list[Any], message_id: str) -> bool:
+        """Run one message under the tier's time limit; False when it could not be run.
+
+        Job failures are the runtime's to record; what comes here is a time limit hit outside
+        the kind, a broken message or a lost connection. None of it may fail the paused chunk.
+        """
+        try:
+            with _soft_limit(self._time_limit_s):
+                self._dispatch(task, args, message_id)
+        except SoftTimeLimitExceeded:
+            log.warning("interactive message %s run in place hit the tier's time limit",
+                        message_id)
+        except Exception:
+            log.exception("interactive message %s failed when run in place", message_id)
+            return False
+        return True
 
     def _empty(self, args: list[Any]) -> bool:
         kind, key, tier = args

@@ -8,7 +8,6 @@ with one transaction, so the database is written once per batch, not once per it
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import random
@@ -40,7 +39,7 @@ from orchestrator.metrics import WorkerMetrics
 from orchestrator.results import ResultStore, encode_array
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from orchestrator.tiers import Tier
+from orchestrator.tiers import Tier, TierPolicy
 from orchestrator.transport import mark_sent
 from workers.chunks import run_chunk
 from workers.execution import LeaseKeeper, Outcomes, call_kind, context
@@ -120,10 +119,7 @@ class Runtime:
         """
         spec = self.services.kinds.get(kind)
         policy = self.settings.policy(Tier(tier))
-        if spec.batch is not None:
-            size, delay = spec.batch.size(policy), spec.batch.delay_ms(policy)
-        else:  # a plain kind's jobs: as many as fit the take budget, no batching delay
-            size, delay = max(self.service_times.take(kind), 1), 0.0
+        size, delay = self._take_shape(spec, policy)
         processing = processing_key(message_id)
         taken = self.buffers.take(tier=Tier(tier), kind=kind, key=key, processing=processing,
                                   max_batch=size, delay_ms=delay)
@@ -150,23 +146,22 @@ class Runtime:
     def _drain(self, kind: str, key: str, tier: Tier, message_id: str, size: int,
                start: float) -> dict[str, str]:
         """Take a plain kind's newly arrived jobs until the buffer is empty or the budget ends."""
-        policy = self.settings.policy(tier)
         states: dict[str, str] = {}
-        for i in itertools.count(1):
-            if time.monotonic() - start >= PLAIN_DRAIN_BUDGET_S:
-                # Hand the slot back to Celery; a trigger goes out if jobs remain.
-                self.buffers.stop_draining(tier=tier, kind=kind, key=key,
-                                           priority=policy.priority,
-                                           time_limit=policy.time_limit_s)
-                return states
-            processing = processing_key(f"{message_id}:{i}")
+        taken = 0
+        while time.monotonic() - start < PLAIN_DRAIN_BUDGET_S:
+            taken += 1
+            processing = processing_key(f"{message_id}:{taken}")
             items = self.buffers.take_more(tier=tier, kind=kind, key=key, processing=processing,
                                            max_batch=size, hold_s=DRAIN_HOLD_S)
             if not items:  # empty: the flag is already cleared
                 return states
             states.update(self._run_taken([job_id for job_id, _ in items]))
             self.buffers.done(processing)
-        raise AssertionError("unreachable")
+        # Budget spent: hand the slot back to Celery; a trigger goes out if jobs remain.
+        policy = self.settings.policy(tier)
+        self.buffers.stop_draining(tier=tier, kind=kind, key=key, priority=policy.priority,
+                                   time_limit=policy.time_limit_s)
+        return states
 
     def _run_taken(self, ids: list[str]) -> dict[str, str]:
         claims = self.services.store.claim_many(ids, self.worker, self._leases)
@@ -177,10 +172,16 @@ class Runtime:
         states = self._run_claims(claims) if claims else {}
         return {k: v for k, v in states.items() if v is not None}
 
+    def _take_shape(self, spec: KindSpec, policy: TierPolicy) -> tuple[int, float]:
+        """(jobs per take, batching delay ms) of a kind's buffer in a tier."""
+        if spec.batch is not None:
+            return spec.batch.size(policy), spec.batch.delay_ms(policy)
+        # A plain kind's jobs: as many as fit the take budget, no batching delay.
+        return max(self.service_times.take(spec.name), 1), 0.0
+
     def _interactive_delay_s(self, kind: str) -> float:
         spec = self.services.kinds.get(kind)
-        policy = self.settings.policy(Tier.INTERACTIVE)
-        return spec.batch.delay_ms(policy) / 1000 if spec.batch else 0.0
+        return self._take_shape(spec, self.settings.policy(Tier.INTERACTIVE))[1] / 1000
 
     def run_message(self, task: str, args: list[Any], message_id: str) -> None:
         """Run one task message the way its Celery task would (for work run in place)."""
