@@ -65,6 +65,8 @@ class Reconciler:
         self.batch = batch
         self.limit = limit
         self.clock = clock
+        self.buffers = Buffers(services.redis, services.celery,
+                               processing_ttl_s=services.settings.visibility_timeout_s)
 
     def check(self, now: datetime | None = None) -> Report:
         now = now or self.clock()
@@ -93,9 +95,7 @@ class Reconciler:
                  "re-published for takeover") for j in running
                 if j.id in set(report.taken_over)], now=now)
         settings = self.services.settings
-        buffers = Buffers(self.services.redis, self.services.celery,
-                          processing_ttl_s=settings.visibility_timeout_s)
-        report.triggered = buffers.sweep(
+        report.triggered = self.buffers.sweep(
             tuple(Tier), priority_of=lambda t: settings.policy(t).priority,
             time_limit_of=lambda t: settings.policy(t).time_limit_s)
         if report.triggered:
