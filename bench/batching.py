@@ -352,6 +352,24 @@ def _batches(rows: dict[str, np.ndarray]) -> dict[str, float]:
             "mean_batch_size_per_job": round(float(rows["batch_size"].mean()), 2)}
 
 
+def _past_cap(rows: dict[str, np.ndarray], delay_ms: float, slots: int) -> dict[str, Any]:
+    """Per batch: its claim against its cap (the oldest job's enqueue + the delay), and how
+    many slots were running other batches at that moment: says whether a late batch waited
+    for a slot (all busy) or for its trigger to reach one (dispatch)."""
+    ids, first = np.unique(rows["batch_id"], return_index=True)
+    created = rows["started"] - rows["queue"]
+    oldest = np.array([created[rows["batch_id"] == b].min() for b in ids])
+    started, finished = rows["started"][first], rows["finished"][first]
+    due = np.minimum(oldest + delay_ms / 1000, started)  # a full batch goes before its cap
+    late = started - due
+    busy = np.array([int(((started < d) & (finished > d)).sum()) for d in due])
+    full = busy >= slots
+    return {"claim_after_cap": _pcts(late),
+            "batches_all_slots_busy_at_cap": round(float(full.mean()), 3),
+            "claim_after_cap_slot_free": _pcts(late[~full]),
+            "claim_after_cap_all_busy": _pcts(late[full])}
+
+
 def _model_share(rows: dict[str, np.ndarray], cpu: dict[str, float]) -> dict[str, float]:
     """The kind's own CPU per job (tokenize + model, as the worker accounts it) against all
     the serving side spent per job: the rate this allows on an idle machine, as a fraction of
@@ -471,7 +489,8 @@ def open_level(bench: Bench, worker: LocalWorker, fraction: float, raw: float, s
         "submit_lateness": _pcts(late), "states": _states(rows),
         "time_in_queue": queue, "end_to_end": _pcts(rows["e2e"]),
         "claim_to_finish": _pcts(rows["service"]), **_batches(rows),
-        **_split_queue(rows, returned), "cpu_ms_per_item": cpu, **_model_share(rows, cpu),
+        **_split_queue(rows, returned),
+        **_past_cap(rows, delay_ms, args.concurrency), "cpu_ms_per_item": cpu, **_model_share(rows, cpu),
         **bench.cpu_bound(cpu),
     }
     out["mean_batch_fill"] = round(out["mean_batch_size"] / args.interactive_batch, 3)
@@ -506,7 +525,10 @@ def open_loop(bench: Bench, raw: float) -> list[dict[str, Any]]:
                   f"{lv['cpu_ms_per_item']['machine_busy_pct']}% (others "
                   f"{lv['cpu_ms_per_item']['others_pct']}%), enqueue->return p50 "
                   f"{lv['enqueue_to_submit_return']['p50_ms']} ms, return->claim p50/p99 "
-                  f"{_three(lv['submit_return_to_claim'])} ms", flush=True)
+                  f"{_three(lv['submit_return_to_claim'])} ms; claim after cap p50/p99 "
+                  f"{_three(lv['claim_after_cap'])} ms (all slots busy at cap: "
+                  f"{lv['batches_all_slots_busy_at_cap']:.0%}; slot free p99 "
+                  f"{lv['claim_after_cap_slot_free']['p99_ms']} ms)", flush=True)
     finally:
         worker.stop()
     return levels

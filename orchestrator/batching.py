@@ -56,6 +56,22 @@ SERVICE_CACHE_S = 1.0
 PLAIN_DRAIN_BUDGET_S = 0.25
 
 
+# --- a batch kind's slot keeps taking batches while they keep coming --------------------------
+# After a batch, the task that ran it looks at its buffer again instead of handing the slot back
+# to Celery: a batch that is due (full, or its oldest job at its cap) is taken at once; one whose
+# cap is at most ``BATCH_DRAIN_WAIT_MAX_S`` away is waited for in the process, so it starts on
+# its cap rather than one broker and pool dispatch after it (Triton's model instances take the
+# next batch the same way). The trigger the submit published stays the backstop: if this slot
+# is busy at the cap, another one takes the batch. The loop ends when the buffer is empty, the
+# next cap is further away, work of a higher tier or another buffer of the same tier is waiting,
+# or ``BATCH_DRAIN_BUDGET_S`` is spent.
+
+#: how long one trigger's task may keep taking its buffer's batches
+BATCH_DRAIN_BUDGET_S = 1.0
+#: the longest a draining slot sleeps for the next batch's cap
+BATCH_DRAIN_WAIT_MAX_S = 0.02
+
+
 def kind_service_field(kind: str) -> str:
     """The ``orch:svc`` field holding a kind's slot seconds per job (an EWMA)."""
     return f"kind:{kind}"
@@ -124,6 +140,46 @@ if left > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') == 0 then
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
 end
 local out = {retrigger}
+for i = 1, #items do out[#out + 1] = items[i] end
+return out
+"""
+
+
+# A draining slot's next batch. KEYS: buffer, processing list, pending counter.
+# ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s, the tier's buffer set.
+# Returns {'empty'}, {'yield'} (another buffer of the tier holds jobs: its turn), {'wait', ms}
+# (the oldest job's cap is ms away and the batch is not full), or {'took', retrigger_ms or -1,
+# item, ...}: what remains gets a trigger as after ``_TAKE``, unless one is pending.
+_DRAIN_TAKE = """
+for _, other in ipairs(redis.call('SMEMBERS', ARGV[6])) do
+  if other ~= KEYS[1] and redis.call('LLEN', other) > 0 then return {'yield'} end
+end
+local len = redis.call('LLEN', KEYS[1])
+if len == 0 then return {'empty'} end
+local now = tonumber(ARGV[2])
+if len < tonumber(ARGV[1]) then
+  local oldest = redis.call('LINDEX', KEYS[1], 0)
+  local enq = tonumber(string.match(oldest, ' (%d+)$')) or now
+  local wait = enq + tonumber(ARGV[3]) - now
+  if wait > 0 then return {'wait', wait} end
+end
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('RPUSH', KEYS[2], unpack(items))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+local left = redis.call('LLEN', KEYS[1])
+local retrigger = -1
+if left > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') == 0 then
+  if left >= tonumber(ARGV[1]) then
+    retrigger = 0
+  else
+    local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$')) or now
+    retrigger = math.max(0, enq + tonumber(ARGV[3]) - now)
+  end
+  redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+end
+local out = {'took', retrigger}
 for i = 1, #items do out[#out + 1] = items[i] end
 return out
 """
@@ -223,10 +279,16 @@ def decode_item(item: bytes | str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Taken:
-    """What one trigger took: (job id, enqueue ms) pairs, and when to trigger the rest."""
+    """What one trigger took: (job id, enqueue ms) pairs, and when to trigger the rest.
+
+    From ``Buffers.drain_take`` also why nothing was taken: ``stop`` ("empty" or "yield"), or
+    ``wait_s`` until the next batch is due.
+    """
 
     items: list[tuple[str, int]]
     retrigger_in_s: float | None
+    stop: str | None = None
+    wait_s: float | None = None
 
 
 class Buffers:
@@ -242,6 +304,7 @@ class Buffers:
         self._push_plain = client.register_script(_PUSH_PLAIN)
         self._take_more = client.register_script(_TAKE_MORE)
         self._stop_drain = client.register_script(_STOP_DRAIN)
+        self._drain_take = client.register_script(_DRAIN_TAKE)
 
     def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
              enqueued_at: datetime, max_batch: int, delay_ms: float,
@@ -315,6 +378,28 @@ class Buffers:
             items=[decode_item(item) for item in raw[1:]],
             retrigger_in_s=None if retrigger_ms < 0 else retrigger_ms / 1000.0,
         )
+
+    def drain_take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
+                   delay_ms: float) -> Taken:
+        """A draining slot's next batch of a batch kind (see ``_DRAIN_TAKE``).
+
+        Takes a batch only when it is due (full, or its oldest job at its cap); else says how
+        long until it is, or why to stop: the buffer is empty, or another buffer of the tier
+        holds jobs (whose trigger waits for a slot).
+        """
+        buffer = buffer_key(tier, kind, key)
+        raw = self._drain_take(
+            keys=[buffer, processing, pending_key(buffer)],
+            args=[max_batch, int(time.time() * 1000), int(delay_ms), self.processing_ttl_s,
+                  self.pending_ttl_s, buffers_set(tier)])
+        status = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+        if status == "wait":
+            return Taken(items=[], retrigger_in_s=None, wait_s=int(raw[1]) / 1000.0)
+        if status != "took":
+            return Taken(items=[], retrigger_in_s=None, stop=status)
+        retrigger_ms = int(raw[1])
+        return Taken(items=[decode_item(item) for item in raw[2:]],
+                     retrigger_in_s=None if retrigger_ms < 0 else retrigger_ms / 1000.0)
 
     def take_more(self, *, tier: Tier, kind: str, key: str, processing: str,
                   max_batch: int, hold_s: float) -> list[tuple[str, int]]:

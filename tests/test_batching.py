@@ -101,16 +101,22 @@ def test_the_database_is_written_a_fixed_number_of_times_per_batch(
     event.listen(runtime.services.engine, "before_cursor_execute", count)
     try:
         per_batch = []
-        for size in (2, 8):  # (one job alone takes a shorter path on PostgreSQL)
+        for size in (2, 4):  # (one job alone takes a shorter path on PostgreSQL)
             for i in range(size):
                 client.submit("upper", {"texts": [f"x{i}"]})
             statements.clear()
             runtime.execute_batch("upper", "g", "nearline", f"m{size}")
             per_batch.append(len(statements))
+        # Two full batches in one task (the second taken by the drain): twice the statements.
+        for i in range(8):
+            client.submit("upper", {"texts": [f"y{i}"]})
+        statements.clear()
+        runtime.execute_batch("upper", "g", "nearline", "m8")
     finally:
         event.remove(runtime.services.engine, "before_cursor_execute", count)
     assert per_batch[0] == per_batch[1]
     assert per_batch[1] <= 5
+    assert len(statements) == 2 * per_batch[1]
 
 
 def test_a_redelivered_trigger_finds_its_own_jobs_and_runs_nothing_twice(
@@ -128,6 +134,44 @@ def test_a_redelivered_trigger_finds_its_own_jobs_and_runs_nothing_twice(
     assert later.status() == "queued"
     runtime.execute_batch("upper", "g", "nearline", "dead-msg")  # again: nothing runs twice
     assert [len(client.attempts(h.id)) for h in handles] == [1, 1, 1]
+
+
+# --- a slot keeps taking its buffer's batches while they come --------------------------------
+
+
+def test_a_slot_waits_in_process_for_the_next_batch_due_within_reach(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("workers.runtime.BATCH_DRAIN_WAIT_MAX_S", 1.0)
+    handles = [client.submit("upper", {"texts": [f"d{i}"]}) for i in range(5)]
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    # The trigger took four; the same task took the fifth at its cap (300 ms), not before.
+    assert set(states) == {h.id for h in handles}
+    fifth = handles[4].job()
+    assert fifth.state == "succeeded" and fifth.batch_size == 1
+    assert fifth.queue_seconds is not None and 0.29 <= fifth.queue_seconds < 1.0
+
+
+def test_a_slot_does_not_wait_for_a_cap_beyond_reach(client: Client, runtime: Runtime) -> None:
+    handles = [client.submit("upper", {"texts": [f"d{i}"]}) for i in range(5)]
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert set(states) == {h.id for h in handles[:4]}  # 300 ms away: the trigger's job
+    assert handles[4].status() == "queued"
+
+
+def test_a_draining_slot_hands_back_for_higher_tiers_other_buffers_and_in_place_runs(
+    client: Client, runtime: Runtime
+) -> None:
+    batch = [client.submit("upper", {"texts": [f"n{i}"]}) for i in range(16)]
+    client.submit("upper", {"texts": ["u"]}, tier="interactive")
+    assert len(runtime.execute_batch("upper", "g", "nearline", "m1")) == 4
+    runtime.execute_batch("upper", "g", "interactive", "m2")  # the waiting interactive job
+    client.submit("upper", {"texts": ["o"], "group": "h"})
+    assert len(runtime.execute_batch("upper", "g", "nearline", "m3")) == 4  # h's turn next
+    runtime.execute_batch("upper", "h", "nearline", "m4")
+    runtime.run_message("orchestrator.batch", ["upper", "g", "nearline"], "m5")
+    assert [h.status() for h in batch].count("succeeded") == 12  # in place: one batch only
+    assert len(runtime.execute_batch("upper", "g", "nearline", "m6")) == 4
 
 
 @pytest.mark.e2e

@@ -22,6 +22,8 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.admission import record_service
 from orchestrator.batching import (
+    BATCH_DRAIN_BUDGET_S,
+    BATCH_DRAIN_WAIT_MAX_S,
     BATCH_TASK,
     PLAIN_DRAIN_BUDGET_S,
     Buffers,
@@ -81,6 +83,7 @@ class Runtime:
         self.leases = LeaseKeeper(services.store)
         self.metrics = WorkerMetrics()
         self.service_times = ServiceTimes(services.redis)
+        self._higher: dict[Tier, HigherTierCheck] = {}
         self.in_place = InPlaceServer(
             services.celery, services.redis, self.run_message,
             time_limit_s=self.settings.policy(Tier.INTERACTIVE).time_limit_s,
@@ -110,29 +113,31 @@ class Runtime:
             return self._not_claimable(job_id)
         return self._run_claims(claims).get(job_id)
 
-    def execute_batch(self, kind: str, key: str, tier: str, message_id: str) -> dict[str, str]:
+    def execute_batch(self, kind: str, key: str, tier: str, message_id: str, *,
+                      drain: bool = True) -> dict[str, str]:
         """Run one batch trigger: take buffered jobs, run them as one call, finish them at once.
 
-        For a plain kind the task then keeps taking what arrives in the buffer, take after take,
-        for up to ``PLAIN_DRAIN_BUDGET_S`` (``_drain``): while it does, submits publish no
-        trigger. Returns the new state of every job it ran.
+        Then, with ``drain``, the task keeps its slot while batches keep coming: a batch kind's
+        next batch is taken when due (``_drain_batches``, up to ``BATCH_DRAIN_BUDGET_S``); a
+        plain kind's newly arrived jobs take after take for up to ``PLAIN_DRAIN_BUDGET_S``
+        (``_drain``; while it does, submits publish no trigger). Returns the new state of every
+        job it ran.
         """
         spec = self.services.kinds.get(kind)
         policy = self.settings.policy(Tier(tier))
         size, delay = self._take_shape(spec, policy)
         processing = processing_key(message_id)
+        start = time.monotonic()
         taken = self.buffers.take(tier=Tier(tier), kind=kind, key=key, processing=processing,
                                   max_batch=size, delay_ms=delay)
-        if taken.retrigger_in_s is not None:
-            # More is buffered than this batch takes: let another slot start on it now.
-            self.buffers.trigger(tier=Tier(tier), kind=kind, key=key, priority=policy.priority,
-                                 countdown=taken.retrigger_in_s, counted=True,
-                                 time_limit=policy.time_limit_s)
+        self._retrigger(taken.retrigger_in_s, Tier(tier), kind, key)
         if spec.batch is not None or not taken.items:
             states = self._run_taken([job_id for job_id, _ in taken.items])
             self.buffers.done(processing)
+            if spec.batch is not None and taken.items and drain:
+                states.update(self._drain_batches(kind, key, Tier(tier), message_id, size,
+                                                  delay, start))
             return states
-        start = time.monotonic()
         self.buffers.hold(tier=Tier(tier), kind=kind, key=key, hold_s=DRAIN_HOLD_S)
         try:
             states = self._run_taken([job_id for job_id, _ in taken.items])
@@ -142,6 +147,52 @@ class Runtime:
             self.buffers.stop_draining(tier=Tier(tier), kind=kind, key=key,
                                        priority=policy.priority, time_limit=policy.time_limit_s)
             raise
+
+    def _retrigger(self, retrigger_in_s: float | None, tier: Tier, kind: str, key: str) -> None:
+        """More is buffered than a take took: let another slot start on it (when due)."""
+        if retrigger_in_s is not None:
+            policy = self.settings.policy(tier)
+            self.buffers.trigger(tier=tier, kind=kind, key=key, priority=policy.priority,
+                                 countdown=retrigger_in_s, counted=True,
+                                 time_limit=policy.time_limit_s)
+
+    def _drain_batches(self, kind: str, key: str, tier: Tier, message_id: str, size: int,
+                       delay_ms: float, start: float) -> dict[str, str]:
+        """Keep taking a batch kind's batches in this slot while they come (see batching.py).
+
+        Stops when the buffer is empty, the next cap is further than ``BATCH_DRAIN_WAIT_MAX_S``
+        away or past the budget, another buffer of the tier or a higher tier has work waiting,
+        or ``BATCH_DRAIN_BUDGET_S`` is spent.
+        """
+        higher = self._higher_check(tier)
+        states: dict[str, str] = {}
+        taken_n = 0
+        while (left := BATCH_DRAIN_BUDGET_S - (time.monotonic() - start)) > 0:
+            if higher.waiting():
+                break
+            processing = processing_key(f"{message_id}:{taken_n + 1}")
+            taken = self.buffers.drain_take(tier=tier, kind=kind, key=key,
+                                            processing=processing, max_batch=size,
+                                            delay_ms=delay_ms)
+            if taken.wait_s is not None:
+                if taken.wait_s > min(BATCH_DRAIN_WAIT_MAX_S, left):
+                    break
+                time.sleep(taken.wait_s)
+                continue
+            if taken.stop is not None:
+                break
+            taken_n += 1
+            self._retrigger(taken.retrigger_in_s, tier, kind, key)
+            states.update(self._run_taken([job_id for job_id, _ in taken.items]))
+            self.buffers.done(processing)
+        return states
+
+    def _higher_check(self, tier: Tier) -> HigherTierCheck:
+        check = self._higher.get(tier)
+        if check is None:
+            check = self._higher[tier] = HigherTierCheck(
+                self.services.redis, tier, enabled=self.settings.preemption, served=self.tiers)
+        return check
 
     def _drain(self, kind: str, key: str, tier: Tier, message_id: str, size: int,
                start: float) -> dict[str, str]:
@@ -187,7 +238,8 @@ class Runtime:
         """Run one task message the way its Celery task would (for work run in place)."""
         if task == BATCH_TASK:
             kind, key, tier = args
-            self.execute_batch(kind, key, tier, message_id)
+            # In place, the paused chunk wants its slot back: run this batch, not the next ones.
+            self.execute_batch(kind, key, tier, message_id, drain=False)
         elif task == RUN_TASK:
             self.execute(args[0])
         else:

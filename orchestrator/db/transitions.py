@@ -334,8 +334,8 @@ WITH claimed AS (
       ELSE :c_lease_offline END,
     started_at = coalesce(started_at, :c_now)
   WHERE id = ANY(:c_ids) AND attempts - preemptions < max_attempts
-    AND (state = '{JobState.QUEUED}'
-         OR (state = '{JobState.RUNNING}' AND lease_expires_at < :c_now))
+    AND CASE state WHEN '{JobState.QUEUED}' THEN true
+                   WHEN '{JobState.RUNNING}' THEN lease_expires_at < :c_now ELSE false END
   RETURNING id, kind, tenant, tier, payload, attempts, max_attempts, queued_at,
     lease_expires_at, deadline, parent_id, items_done, preemptions, "window"
 ), lost AS (
