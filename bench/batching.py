@@ -490,8 +490,8 @@ def open_level(bench: Bench, worker: LocalWorker, fraction: float, raw: float, s
         "time_in_queue": queue, "end_to_end": _pcts(rows["e2e"]),
         "claim_to_finish": _pcts(rows["service"]), **_batches(rows),
         **_split_queue(rows, returned),
-        **_past_cap(rows, delay_ms, args.concurrency), "cpu_ms_per_item": cpu, **_model_share(rows, cpu),
-        **bench.cpu_bound(cpu),
+        **_past_cap(rows, delay_ms, args.concurrency), "cpu_ms_per_item": cpu,
+        **_model_share(rows, cpu), **bench.cpu_bound(cpu),
     }
     out["mean_batch_fill"] = round(out["mean_batch_size"] / args.interactive_batch, 3)
     out["queue_p99_target_ms"] = delay_ms + TARGETS["queue_p99_slack_ms"]

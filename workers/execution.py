@@ -20,6 +20,25 @@ from orchestrator.tiers import Tier
 log = logging.getLogger(__name__)
 
 
+class BackgroundCpu:
+    """CPU seconds this process spent writing finished batches behind the next model call.
+
+    A kind's call measures the process's CPU (a model's own threads included); what the
+    write-behind thread spent meanwhile is not the call's, so ``call_kind`` takes it out.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.total += seconds
+
+
+BACKGROUND_CPU = BackgroundCpu()
+
+
 @dataclass
 class Outcomes:
     """What happened to each claim: (claim, result, error, cpu seconds, wall seconds)."""
@@ -142,7 +161,12 @@ def call_kind(spec: KindSpec, runnable: Sequence[tuple[Claim, Any]], worker: str
     claims = [c for c, _ in runnable]
     models = [m for _, m in runnable]
     ctx = context(spec, claims, worker, resources)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall0, cpu0, lent0 = time.perf_counter(), time.process_time(), BACKGROUND_CPU.total
+
+    def spent() -> tuple[float, float]:
+        lent = BACKGROUND_CPU.total - lent0
+        return max(time.process_time() - cpu0 - lent, 0.0), time.perf_counter() - wall0
+
     try:
         if spec.batch is not None:
             results = list(spec.fn(models, ctx))
@@ -158,10 +182,10 @@ def call_kind(spec: KindSpec, runnable: Sequence[tuple[Claim, Any]], worker: str
             for pair in runnable:
                 call_kind(spec, [pair], worker, resources, outcomes)
             return
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        cpu, wall = spent()
         outcomes.fail(claims[0], e, cpu, wall)
         return
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    cpu, wall = spent()
     if spec.batch is not None:
         batch_id = str(uuid.uuid4())
         outcomes.batches.update((c.job_id, (batch_id, len(claims))) for c in claims)

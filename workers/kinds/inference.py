@@ -95,10 +95,11 @@ def embed(payloads: list[EmbedPayload], ctx: JobContext) -> list[np.ndarray]:
     cache: ModelCache = ctx.resources
     model = cache.embedder(payloads[0].model)
     texts = [text for p in payloads for text in p.texts]
-    tokens = model.count_tokens(texts)
+    tokens: list[int] = []
     vectors = np.empty((len(texts), model.dim), dtype=np.float32)
     for part in _slices(len(texts), cache.settings.model_batch):
-        vectors[part] = model.embed(texts[part])
+        vectors[part], counted = model.embed_counted(texts[part])
+        tokens += counted
     out: list[np.ndarray] = []
     weights: list[float] = []
     start = 0

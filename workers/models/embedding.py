@@ -124,12 +124,22 @@ class EmbeddingModel:
         Raises:
             PermanentError: an item is not a string, or a text has no tokens at all.
         """
+        return self.embed_counted(texts)[0]
+
+    def embed_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """``embed``, and the tokens each text cost the model (as ``count_tokens``), from one
+        tokenization.
+
+        Raises:
+            PermanentError: as ``embed``.
+        """
         encodings = self._encode(texts)
         if not encodings:
-            return np.zeros((0, getattr(self, "_dim", 0)), dtype=np.float32)
+            return np.zeros((0, getattr(self, "_dim", 0)), dtype=np.float32), []
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        empty = np.flatnonzero(mask.sum(axis=1) == 0)
+        tokens = [int(n) for n in mask.sum(axis=1)]
+        empty = np.flatnonzero(np.array(tokens) == 0)
         if empty.size:
             raise PermanentError(f"text at index {int(empty[0])} has no tokens to embed")
         feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
@@ -144,7 +154,7 @@ class EmbeddingModel:
             weights = mask[:, :, None].astype(np.float32)
             out = (out * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return (out / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        return (out / np.maximum(norms, 1e-12)).astype(np.float32, copy=False), tokens
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text costs the model (after truncation, padding excluded).
