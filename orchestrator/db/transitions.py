@@ -238,7 +238,9 @@ class Transitions:
                                                           d.wall_seconds)})
         params: dict[str, Any] = {
             f"a_{name}": [row[f"f_{name}"] for row in rows] for name in _ENDED_ARRAYS}
-        params["a_result"] = [json.dumps(row["f_result"]) for row in rows]
+        # The results as one JSON array, not a text[] of documents: psycopg escapes every
+        # quote of every element of a text array (a regex pass over each 2 KB embedding).
+        params["a_results"] = json.dumps([row["f_result"] for row in rows])
         params["f_now"] = now
         with self.engine.connect() as conn:  # one statement: autocommit is atomic
             ended = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
@@ -402,7 +404,7 @@ _ENDED = update(jobs).where(_OWNED).values(
 # statement did not change its row, so its state tells whether it was cancelled or taken over.
 _ENDED_ARRAYS = {
     "id": "text", "attempt": "int", "state": "text", "outcome": "text", "error": "text",
-    "cpu": "float8", "wall": "float8", "waited": "float8", "result": "text", "ref": "text",
+    "cpu": "float8", "wall": "float8", "waited": "float8", "ref": "text",
     "items": "int", "batch": "text", "batch_size": "int", "done": "int",
     "base": "numeric", "item_cost": "numeric", "model": "text",
 }
@@ -421,15 +423,17 @@ _ATTEMPT_COST = _half_even("i.base * i.multiplier")
 
 _FINISH_ENDED_PG = text(f"""
 WITH input AS (
-  SELECT i.*, coalesce((SELECT m.price_multiplier FROM attempts m
+  SELECT i.*, r.result, coalesce((SELECT m.price_multiplier FROM attempts m
                         WHERE m.job_id = i.id AND m.number = i.attempt), 1) AS multiplier
   FROM unnest({", ".join(f"CAST(:a_{n} AS {t}[])" for n, t in _ENDED_ARRAYS.items())})
-    AS i({", ".join(_ENDED_ARRAYS)})
+    WITH ORDINALITY AS i({", ".join(_ENDED_ARRAYS)}, n)
+  JOIN json_array_elements(CAST(:a_results AS json)) WITH ORDINALITY AS r(result, n)
+    ON r.n = i.n
 ), owned AS (
   UPDATE jobs SET state = i.state, lease_expires_at = NULL, error = i.error,
     cpu_seconds = jobs.cpu_seconds + i.cpu, wall_seconds = jobs.wall_seconds + i.wall,
     queue_seconds = coalesce(jobs.queue_seconds, 0) + i.waited, finished_at = :f_now,
-    result = CAST(i.result AS json), result_ref = i.ref, items = i.items, batch_id = i.batch,
+    result = i.result, result_ref = i.ref, items = i.items, batch_id = i.batch,
     batch_size = i.batch_size, items_done = i.done, model = i.model,
     cost = {_ATTEMPT_COST} + i.item_cost
       + coalesce((SELECT sum(a.cost) FROM attempts a
