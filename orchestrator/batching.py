@@ -65,6 +65,14 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 # is busy at the cap, another one takes the batch. The loop ends when the buffer is empty, the
 # next cap is further away, work of a higher tier or another buffer of the same tier is waiting,
 # or ``BATCH_DRAIN_BUDGET_S`` is spent.
+#
+# A draining slot also *promises* when it will look at the buffer again (``drainers_key``: the
+# end of the batch it runs, from the kind's measured time per job, or the cap it sleeps until).
+# A push whose cap falls after a live promise publishes no trigger: that slot takes the job in
+# time, and the trigger would only find an empty buffer (at low load, half of all triggers did).
+# A broken promise (the slot is late, or died) no longer counts once its time has passed, so
+# the next push publishes a trigger; a slot that stops draining withdraws its promise and
+# triggers whatever is left, in one step.
 
 #: how long one trigger's task may keep taking its buffer's batches
 BATCH_DRAIN_BUDGET_S = 1.0
@@ -145,43 +153,104 @@ return out
 """
 
 
-# A draining slot's next batch. KEYS: buffer, processing list, pending counter.
-# ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s, the tier's buffer set.
-# Returns {'empty'}, {'yield'} (another buffer of the tier holds jobs: its turn), {'wait', ms}
-# (the oldest job's cap is ms away and the batch is not full), or {'took', retrigger_ms or -1,
-# item, ...}: what remains gets a trigger as after ``_TAKE``, unless one is pending.
-_DRAIN_TAKE = """
+# Shared by the takes: after taking, what remains gets a trigger unless one is pending (now if
+# a batch is full, else at the new oldest job's cap). KEYS[1] buffer, KEYS[3] pending counter;
+# ARGV[1] max batch, ARGV[3] max delay ms, ARGV[5] pending ttl s. Returns ms or -1.
+_RETRIGGER_LUA = """
+local function retrigger(now)
+  local left = redis.call('LLEN', KEYS[1])
+  if left == 0 or tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then return -1 end
+  local ms = 0
+  if left < tonumber(ARGV[1]) then
+    local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$')) or now
+    ms = math.max(0, enq + tonumber(ARGV[3]) - now)
+  end
+  redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+  return ms
+end
+"""
+
+# A draining slot's next batch. KEYS: buffer, processing list, pending counter, drainers.
+# ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s, the tier's buffer set,
+# drainer id, ms of work per job (0: unknown, no promise).
+# Returns {'empty'} (promise withdrawn), {'yield', retrigger ms or -1} (another buffer of the
+# tier holds jobs: its turn; promise withdrawn, the rest triggered), {'wait', ms} (the oldest
+# job's cap is ms away and the batch is not full: promised for then), or {'took', retrigger ms
+# or -1, item, ...} (promised for the batch's end).
+_DRAIN_TAKE = _RETRIGGER_LUA + """
+local now = tonumber(ARGV[2])
 for _, other in ipairs(redis.call('SMEMBERS', ARGV[6])) do
-  if other ~= KEYS[1] and redis.call('LLEN', other) > 0 then return {'yield'} end
+  if other ~= KEYS[1] and redis.call('LLEN', other) > 0 then
+    redis.call('ZREM', KEYS[4], ARGV[7])
+    return {'yield', retrigger(now)}
+  end
 end
 local len = redis.call('LLEN', KEYS[1])
-if len == 0 then return {'empty'} end
-local now = tonumber(ARGV[2])
+if len == 0 then
+  redis.call('ZREM', KEYS[4], ARGV[7])
+  return {'empty'}
+end
 if len < tonumber(ARGV[1]) then
   local oldest = redis.call('LINDEX', KEYS[1], 0)
   local enq = tonumber(string.match(oldest, ' (%d+)$')) or now
   local wait = enq + tonumber(ARGV[3]) - now
-  if wait > 0 then return {'wait', wait} end
+  if wait > 0 then
+    redis.call('ZADD', KEYS[4], now + wait, ARGV[7])
+    return {'wait', wait}
+  end
 end
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 redis.call('LTRIM', KEYS[1], #items, -1)
 redis.call('RPUSH', KEYS[2], unpack(items))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
-local left = redis.call('LLEN', KEYS[1])
-local retrigger = -1
-if left > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') == 0 then
-  if left >= tonumber(ARGV[1]) then
-    retrigger = 0
-  else
-    local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$')) or now
-    retrigger = math.max(0, enq + tonumber(ARGV[3]) - now)
-  end
-  redis.call('INCR', KEYS[3])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+if tonumber(ARGV[8]) > 0 then
+  redis.call('ZADD', KEYS[4], now + #items * tonumber(ARGV[8]), ARGV[7])
+  redis.call('PEXPIRE', KEYS[4], 60000)
 end
-local out = {'took', retrigger}
+local out = {'took', retrigger(now)}
 for i = 1, #items do out[#out + 1] = items[i] end
 return out
+"""
+
+# A slot stops draining. KEYS: buffer, unused, pending counter, drainers.
+# ARGV: max batch, now ms, max delay ms, unused, pending ttl s, drainer id.
+# Withdraws its promise; returns the retrigger ms for what is left, or -1.
+_DRAIN_STOP = _RETRIGGER_LUA + """
+redis.call('ZREM', KEYS[4], ARGV[6])
+return retrigger(tonumber(ARGV[2]))
+"""
+
+# A slot starts draining (its first batch, taken by its trigger, runs until ARGV[2] ms).
+# KEYS: drainers. ARGV: drainer id, promised ms.
+_DRAIN_PROMISE = """
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 60000)
+"""
+
+# A batch kind's push. KEYS: buffer, buffers set, transport hash, pending counter, drainers.
+# ARGV: item, job id, attempt, max batch, pending ttl s, now ms, max delay ms.
+# Returns -1: no trigger; else publish one (counted as pending) in that many ms: 0 when a batch
+# is full, else at the oldest buffered job's cap. A job that makes the buffer non-empty needs a
+# trigger unless a draining slot promised to be back by its cap; a later job needs one only if
+# no trigger is pending and no live promise covers the oldest job (a promise was broken).
+_PUSH_BATCH = """
+local len = redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+local now = tonumber(ARGV[6])
+local function counted(ms)
+  redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[5]))
+  return ms
+end
+if len % tonumber(ARGV[4]) == 0 then return counted(0) end
+if len > 1 and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then return -1 end
+local oldest = redis.call('LINDEX', KEYS[1], 0)
+local cap = (tonumber(string.match(oldest, ' (%d+)$')) or now) + tonumber(ARGV[7])
+local live = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if live[2] and tonumber(live[2]) <= cap then return -1 end
+return counted(math.max(cap - now, 0))
 """
 
 
@@ -258,6 +327,11 @@ def pending_key(buffer: str) -> str:
     return f"{buffer}:pending"
 
 
+def drainers_key(buffer: str) -> str:
+    """Draining slots' promises: when each will look at ``buffer`` again (ms since epoch)."""
+    return f"{buffer}:drainers"
+
+
 def drain_key(buffer: str) -> str:
     """Present while a worker drains ``buffer`` take after take (plain kinds)."""
     return f"{buffer}:draining"
@@ -305,6 +379,9 @@ class Buffers:
         self._take_more = client.register_script(_TAKE_MORE)
         self._stop_drain = client.register_script(_STOP_DRAIN)
         self._drain_take = client.register_script(_DRAIN_TAKE)
+        self._drain_stop = client.register_script(_DRAIN_STOP)
+        self._drain_promise = client.register_script(_DRAIN_PROMISE)
+        self._push_batch = client.register_script(_PUSH_BATCH)
 
     def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
              enqueued_at: datetime, max_batch: int, delay_ms: float,
@@ -326,21 +403,16 @@ class Buffers:
                 self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
                              counted=True, time_limit=time_limit)
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.rpush(buffer, encode_item(job_id, enqueued_at))
-        pipe.sadd(buffers_set(tier), buffer)  # lets running work see what waits above it
-        pipe.hset(TRANSPORT_KEY, job_id, attempt)
-        length = int(pipe.execute()[0])
-        if length % max_batch == 0:
-            self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
-                         time_limit=time_limit)
-        elif length == 1:
-            # The cap counts from enqueue, not from this push: the submit's own time (storing
-            # the row) is already part of the job's wait.
-            waited = max(time.time() - enqueued_at.timestamp(), 0.0)
+        # The cap counts from enqueue, not from this push: the submit's own time (storing the
+        # row) is already part of the job's wait.
+        ms = int(self._push_batch(  # the buffer set lets running work see what waits above
+            keys=[buffer, buffers_set(tier), TRANSPORT_KEY, pending_key(buffer),
+                  drainers_key(buffer)],
+            args=[encode_item(job_id, enqueued_at), job_id, attempt, max_batch,
+                  self.pending_ttl_s, int(time.time() * 1000), int(delay_ms)]))
+        if ms >= 0:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority,
-                         countdown=max(delay_ms / 1000.0 - waited, 0.0) or None,
-                         time_limit=time_limit)
+                         countdown=ms / 1000.0 or None, counted=True, time_limit=time_limit)
 
     def remove(self, *, tier: Tier, kind: str, key: str, job_id: str,
                enqueued_at: datetime) -> None:
@@ -380,26 +452,47 @@ class Buffers:
         )
 
     def drain_take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
-                   delay_ms: float) -> Taken:
+                   delay_ms: float, drainer: str, per_job_s: float | None) -> Taken:
         """A draining slot's next batch of a batch kind (see ``_DRAIN_TAKE``).
 
-        Takes a batch only when it is due (full, or its oldest job at its cap); else says how
-        long until it is, or why to stop: the buffer is empty, or another buffer of the tier
-        holds jobs (whose trigger waits for a slot).
+        Takes a batch only when it is due (full, or its oldest job at its cap), promising to
+        be back when it has run (``per_job_s`` each; None: no promise); else says how long
+        until it is due (promising to be back then), or why to stop: the buffer is empty, or
+        another buffer of the tier holds jobs (then its promise is withdrawn and what is left
+        is triggered: ``retrigger_in_s``).
         """
         buffer = buffer_key(tier, kind, key)
+        per_job_ms = max(per_job_s or 0.0, 0.0) * 1000
         raw = self._drain_take(
-            keys=[buffer, processing, pending_key(buffer)],
+            keys=[buffer, processing, pending_key(buffer), drainers_key(buffer)],
             args=[max_batch, int(time.time() * 1000), int(delay_ms), self.processing_ttl_s,
-                  self.pending_ttl_s, buffers_set(tier)])
+                  self.pending_ttl_s, buffers_set(tier), drainer,
+                  f"{per_job_ms:.3f}" if per_job_s else 0])
         status = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         if status == "wait":
             return Taken(items=[], retrigger_in_s=None, wait_s=int(raw[1]) / 1000.0)
+        retrigger_ms = int(raw[1]) if len(raw) > 1 else -1
+        retrigger = None if retrigger_ms < 0 else retrigger_ms / 1000.0
         if status != "took":
-            return Taken(items=[], retrigger_in_s=None, stop=status)
-        retrigger_ms = int(raw[1])
-        return Taken(items=[decode_item(item) for item in raw[2:]],
-                     retrigger_in_s=None if retrigger_ms < 0 else retrigger_ms / 1000.0)
+            return Taken(items=[], retrigger_in_s=retrigger, stop=status)
+        return Taken(items=[decode_item(item) for item in raw[2:]], retrigger_in_s=retrigger)
+
+    def promise(self, *, tier: Tier, kind: str, key: str, drainer: str, seconds: float) -> None:
+        """A slot that starts draining will look at the buffer again in ``seconds``."""
+        buffer = buffer_key(tier, kind, key)
+        self._drain_promise(keys=[drainers_key(buffer)],
+                            args=[drainer, int((time.time() + seconds) * 1000)])
+
+    def stop_promising(self, *, tier: Tier, kind: str, key: str, drainer: str,
+                       max_batch: int, delay_ms: float) -> float | None:
+        """A slot stops draining: withdraw its promise; the trigger delay (s) for what is left
+        (already counted as pending), or None."""
+        buffer = buffer_key(tier, kind, key)
+        ms = int(self._drain_stop(
+            keys=[buffer, buffer, pending_key(buffer), drainers_key(buffer)],
+            args=[max_batch, int(time.time() * 1000), int(delay_ms), 0, self.pending_ttl_s,
+                  drainer]))
+        return None if ms < 0 else ms / 1000.0
 
     def take_more(self, *, tier: Tier, kind: str, key: str, processing: str,
                   max_batch: int, hold_s: float) -> list[tuple[str, int]]:

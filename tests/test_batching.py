@@ -17,6 +17,7 @@ from orchestrator.batching import (
     SERVICE_CACHE_S,
     buffer_key,
     drain_key,
+    drainers_key,
     kind_service_field,
     pending_key,
     plain_take,
@@ -172,6 +173,55 @@ def test_a_draining_slot_hands_back_for_higher_tiers_other_buffers_and_in_place_
     runtime.run_message("orchestrator.batch", ["upper", "g", "nearline"], "m5")
     assert [h.status() for h in batch].count("succeeded") == 12  # in place: one batch only
     assert len(runtime.execute_batch("upper", "g", "nearline", "m6")) == 4
+
+
+def test_a_push_needs_no_trigger_when_a_draining_slot_promised_to_be_back_by_its_cap(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    queue = queue_key(Tier.NEARLINE, 3)
+    buffer = buffer_key("nearline", "upper", "g")
+    runtime.buffers.promise(tier=Tier.NEARLINE, kind="upper", key="g", drainer="slot-a",
+                            seconds=0.2)  # back well before a new job's 300 ms cap
+    client.submit("upper", {"texts": ["a"]})
+    client.submit("upper", {"texts": ["b"]})
+    assert redis_client.llen(queue) == 0 and redis_client.llen(buffer) == 2
+    # The slot is late: its promise has passed, so the next push triggers the oldest job's cap.
+    redis_client.zadd(drainers_key(buffer), {"slot-a": int(time.time() * 1000) - 1})
+    client.submit("upper", {"texts": ["c"]})
+    assert redis_client.llen(queue) == 1
+    redis_client.delete(queue, pending_key(buffer))
+    # A promise later than the cap does not cover a job: it gets its trigger.
+    redis_client.delete(buffer)
+    runtime.buffers.promise(tier=Tier.NEARLINE, kind="upper", key="g", drainer="slot-a",
+                            seconds=5.0)
+    client.submit("upper", {"texts": ["d"]})
+    assert redis_client.llen(queue) == 1
+
+
+def test_a_slot_that_stops_draining_withdraws_its_promise_and_triggers_what_is_left(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    queue = queue_key(Tier.NEARLINE, 3)
+    buffer = buffer_key("nearline", "upper", "g")
+    redis_client.hset("orch:svc", kind_service_field("upper"), "0.05")  # measured: it promises
+    handles = [client.submit("upper", {"texts": [f"s{i}"]}) for i in range(4)]
+    redis_client.delete(queue, pending_key(buffer))  # the full batch's trigger: run it by hand
+    # One job arrives while the slot runs the batch: its cap (300 ms) is beyond the 20 ms the
+    # slot waits, so the slot stops, and the job must get a trigger even though the slot had
+    # promised to be back in time when it was pushed.
+    original = runtime._claim_and_run
+
+    def run_and_push(ids: list[str]):  # type: ignore[no-untyped-def]
+        out = original(ids)
+        if len(handles) == 4:
+            handles.append(client.submit("upper", {"texts": ["late"]}))
+        return out
+
+    runtime._claim_and_run = run_and_push  # type: ignore[method-assign]
+    runtime.execute_batch("upper", "g", "nearline", "slot-b")
+    assert [h.status() for h in handles] == ["succeeded"] * 4 + ["queued"]
+    assert not redis_client.zrange(drainers_key(buffer), 0, -1)
+    assert redis_client.llen(queue) == 1  # the stop published the trigger the push did not
 
 
 @pytest.mark.e2e

@@ -176,8 +176,13 @@ class Runtime:
         if not taken.items or not drain:
             return self._finish_taken(self._claim_and_run([j for j, _ in taken.items]),
                                       processing)
+        per_job = self.service_times.get(kind)
+        if per_job:  # pushes meanwhile need no trigger if this slot is back by their cap
+            self.buffers.promise(tier=tier, kind=kind, key=key, drainer=message_id,
+                                 seconds=per_job * len(taken.items))
         states: dict[str, str] = {}
         writing: Future[dict[str, str]] | None = None
+        withdrawn = False
         try:
             for n in itertools.count(1):
                 outcomes = self._claim_and_run([job_id for job_id, _ in taken.items])
@@ -187,35 +192,42 @@ class Runtime:
                                                 timed=True)
                 following = self._next_batch(kind, key, tier, message_id, n, size, delay_ms,
                                              start)
-                if following is None:
+                if isinstance(following, bool):
+                    withdrawn = following
                     break
                 processing, taken = following
         finally:
+            if not withdrawn:  # stopped here (or failed): what is left needs a trigger
+                self._retrigger(self.buffers.stop_promising(
+                    tier=tier, kind=kind, key=key, drainer=message_id, max_batch=size,
+                    delay_ms=delay_ms), tier, kind, key)
             if writing is not None:
                 states.update(writing.result())
         return states
 
     def _next_batch(self, kind: str, key: str, tier: Tier, message_id: str, n: int, size: int,
-                    delay_ms: float, start: float) -> tuple[str, Taken] | None:
-        """A draining slot's next due batch (waiting for its cap if near), or None: stop."""
+                    delay_ms: float, start: float) -> tuple[str, Taken] | bool:
+        """A draining slot's next due batch (waiting for its cap if near), or False: stop (the
+        caller withdraws the slot's promise), or True: stopped, promise already withdrawn."""
         higher = self._higher_check(tier)
         processing = processing_key(f"{message_id}:{n}")
         while (left := BATCH_DRAIN_BUDGET_S - (time.monotonic() - start)) > 0:
             if higher.waiting():
-                return None
+                return False
             taken = self.buffers.drain_take(tier=tier, kind=kind, key=key,
                                             processing=processing, max_batch=size,
-                                            delay_ms=delay_ms)
+                                            delay_ms=delay_ms, drainer=message_id,
+                                            per_job_s=self.service_times.get(kind))
             if taken.wait_s is not None:
                 if taken.wait_s > min(BATCH_DRAIN_WAIT_MAX_S, left):
-                    return None
+                    return False
                 time.sleep(taken.wait_s)
                 continue
-            if taken.stop is not None:
-                return None
             self._retrigger(taken.retrigger_in_s, tier, kind, key)
+            if taken.stop is not None:
+                return True
             return processing, taken
-        return None
+        return False
 
     def _writer(self) -> ThreadPoolExecutor:
         """The process's write-behind thread (made on first use, after the pool's fork)."""
