@@ -67,7 +67,7 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 # or ``BATCH_DRAIN_BUDGET_S`` is spent.
 #
 # A draining slot also *promises* when it will look at the buffer again (``drainers_key``: the
-# end of the batch it runs, from the kind's measured time per job, or the cap it sleeps until).
+# end of the batch it runs, from its own recent pace, or the cap it sleeps until).
 # A push whose cap falls after a live promise publishes no trigger: that slot takes the job in
 # time, and the trigger would only find an empty buffer (at low load, half of all triggers did).
 # A broken promise (the slot is late, or died) no longer counts once its time has passed, so
@@ -78,6 +78,37 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 BATCH_DRAIN_BUDGET_S = 1.0
 #: the longest a draining slot sleeps for the next batch's cap
 BATCH_DRAIN_WAIT_MAX_S = 0.02
+
+
+class Pace:
+    """Seconds a batch of n jobs takes, a + b·n, fitted online (exponentially weighted).
+
+    A draining slot's promise comes from it. A per-job average alone overstates small batches
+    (the claim's round trip and the call's fixed cost are paid once per batch), which made
+    promises miss caps they would have met.
+    """
+
+    WEIGHT = 0.1
+
+    def __init__(self) -> None:
+        self._n = self._t = self._nn = self._nt = 0.0
+        self._seen = False
+
+    def add(self, n: int, seconds: float) -> None:
+        w = 1.0 if not self._seen else self.WEIGHT
+        self._seen = True
+        self._n += w * (n - self._n)
+        self._t += w * (seconds - self._t)
+        self._nn += w * (n * n - self._nn)
+        self._nt += w * (n * seconds - self._nt)
+
+    def seconds(self, n: int) -> float:
+        var = self._nn - self._n * self._n
+        if var <= 1e-9 or self._n <= 0:  # one batch size seen: scale its time
+            return self._t * n / max(self._n, 1e-9)
+        b = max((self._nt - self._n * self._t) / var, 0.0)
+        a = max(self._t - b * self._n, 0.0)
+        return a + b * n
 
 
 def kind_service_field(kind: str) -> str:
@@ -173,7 +204,7 @@ end
 
 # A draining slot's next batch. KEYS: buffer, processing list, pending counter, drainers.
 # ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s, the tier's buffer set,
-# drainer id, ms of work per job (0: unknown, no promise).
+# drainer id, ms of work per job (0: unknown, no promise), ms of work per batch.
 # Returns {'empty'} (promise withdrawn), {'yield', retrigger ms or -1} (another buffer of the
 # tier holds jobs: its turn; promise withdrawn, the rest triggered), {'wait', ms} (the oldest
 # job's cap is ms away and the batch is not full: promised for then), or {'took', retrigger ms
@@ -205,7 +236,7 @@ redis.call('LTRIM', KEYS[1], #items, -1)
 redis.call('RPUSH', KEYS[2], unpack(items))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 if tonumber(ARGV[8]) > 0 then
-  redis.call('ZADD', KEYS[4], now + #items * tonumber(ARGV[8]), ARGV[7])
+  redis.call('ZADD', KEYS[4], now + #items * tonumber(ARGV[8]) + tonumber(ARGV[9]), ARGV[7])
   redis.call('PEXPIRE', KEYS[4], 60000)
 end
 local out = {'took', retrigger(now)}
@@ -452,22 +483,26 @@ class Buffers:
         )
 
     def drain_take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
-                   delay_ms: float, drainer: str, per_job_s: float | None) -> Taken:
+                   delay_ms: float, drainer: str, pace: Pace | None) -> Taken:
         """A draining slot's next batch of a batch kind (see ``_DRAIN_TAKE``).
 
         Takes a batch only when it is due (full, or its oldest job at its cap), promising to
-        be back when it has run (``per_job_s`` each; None: no promise); else says how long
+        be back when it has run (as fast as its ``pace``; None: no promise); else says how long
         until it is due (promising to be back then), or why to stop: the buffer is empty, or
         another buffer of the tier holds jobs (then its promise is withdrawn and what is left
         is triggered: ``retrigger_in_s``).
         """
         buffer = buffer_key(tier, kind, key)
-        per_job_ms = max(per_job_s or 0.0, 0.0) * 1000
+        # The promise is a + b·n for the n jobs taken: Lua gets b and a in ms.
+        per_job_ms = per_batch_ms = 0.0
+        if pace is not None:
+            per_batch_ms = pace.seconds(0) * 1000
+            per_job_ms = max(pace.seconds(1) * 1000 - per_batch_ms, 1e-3)
         raw = self._drain_take(
             keys=[buffer, processing, pending_key(buffer), drainers_key(buffer)],
             args=[max_batch, int(time.time() * 1000), int(delay_ms), self.processing_ttl_s,
                   self.pending_ttl_s, buffers_set(tier), drainer,
-                  f"{per_job_ms:.3f}" if per_job_s else 0])
+                  f"{per_job_ms:.3f}" if pace is not None else 0, f"{per_batch_ms:.3f}"])
         status = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         if status == "wait":
             return Taken(items=[], retrigger_in_s=None, wait_s=int(raw[1]) / 1000.0)

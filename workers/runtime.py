@@ -29,6 +29,7 @@ from orchestrator.batching import (
     BATCH_TASK,
     PLAIN_DRAIN_BUDGET_S,
     Buffers,
+    Pace,
     ServiceTimes,
     Taken,
     kind_service_field,
@@ -87,6 +88,9 @@ class Runtime:
         self.metrics = WorkerMetrics()
         self.service_times = ServiceTimes(services.redis)
         self._higher: dict[Tier, HigherTierCheck] = {}
+        #: kind -> how long this process's drained batches take to claim and run (the slot's
+        #: time before it looks at the buffer again), for its promises
+        self._pace: dict[str, Pace] = {}
         self._write_behind: ThreadPoolExecutor | None = None
         self.in_place = InPlaceServer(
             services.celery, services.redis, self.run_message,
@@ -176,16 +180,19 @@ class Runtime:
         if not taken.items or not drain:
             return self._finish_taken(self._claim_and_run([j for j, _ in taken.items]),
                                       processing)
-        per_job = self.service_times.get(kind)
-        if per_job:  # pushes meanwhile need no trigger if this slot is back by their cap
+        pace = self._pace.get(kind)
+        if pace is not None:  # pushes meanwhile need no trigger if this slot is back by their cap
             self.buffers.promise(tier=tier, kind=kind, key=key, drainer=message_id,
-                                 seconds=per_job * len(taken.items))
+                                 seconds=pace.seconds(len(taken.items)))
         states: dict[str, str] = {}
         writing: Future[dict[str, str]] | None = None
         withdrawn = False
         try:
             for n in itertools.count(1):
+                began = time.monotonic()
                 outcomes = self._claim_and_run([job_id for job_id, _ in taken.items])
+                self._pace.setdefault(kind, Pace()).add(len(taken.items),
+                                                        time.monotonic() - began)
                 if writing is not None:
                     states.update(writing.result())
                 writing = self._writer().submit(self._finish_taken, outcomes, processing,
@@ -217,7 +224,7 @@ class Runtime:
             taken = self.buffers.drain_take(tier=tier, kind=kind, key=key,
                                             processing=processing, max_batch=size,
                                             delay_ms=delay_ms, drainer=message_id,
-                                            per_job_s=self.service_times.get(kind))
+                                            pace=self._pace.get(kind))
             if taken.wait_s is not None:
                 if taken.wait_s > min(BATCH_DRAIN_WAIT_MAX_S, left):
                     return False
