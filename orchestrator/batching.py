@@ -78,6 +78,10 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 BATCH_DRAIN_BUDGET_S = 1.0
 #: the longest a draining slot sleeps for the next batch's cap
 BATCH_DRAIN_WAIT_MAX_S = 0.02
+#: a trigger for a cap is due this much before it: the broker and the pool's dispatch take
+#: about that long (2 ms median, 4 ms p99 on an idle 2-core machine), so the task reaches its
+#: slot by the cap, waits there for it, and takes the batch on time
+TRIGGER_LEAD_S = 0.003
 
 
 class Pace:
@@ -109,6 +113,11 @@ class Pace:
         b = max((self._nt - self._n * self._t) / var, 0.0)
         a = max(self._t - b * self._n, 0.0)
         return a + b * n
+
+
+def lead(countdown_s: float) -> float | None:
+    """A trigger's countdown for a cap ``countdown_s`` away: ``TRIGGER_LEAD_S`` early."""
+    return max(countdown_s - TRIGGER_LEAD_S, 0.0) or None
 
 
 def kind_service_field(kind: str) -> str:
@@ -183,6 +192,19 @@ for i = 1, #items do out[#out + 1] = items[i] end
 return out
 """
 
+
+# How long until a trigger's batch is due. KEYS: buffer, processing list. ARGV: max batch, now
+# ms, max delay ms. Returns 0 when due (or a redelivered trigger's batch is already taken), -1
+# when the buffer is empty, else ms until its oldest job's cap.
+_DUE_IN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local len = redis.call('LLEN', KEYS[1])
+if len == 0 then return -1 end
+if len >= tonumber(ARGV[1]) then return 0 end
+local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$'))
+if not enq then return 0 end
+return math.max(enq + tonumber(ARGV[3]) - tonumber(ARGV[2]), 0)
+"""
 
 # Shared by the takes: after taking, what remains gets a trigger unless one is pending (now if
 # a batch is full, else at the new oldest job's cap). KEYS[1] buffer, KEYS[3] pending counter;
@@ -410,6 +432,7 @@ class Buffers:
         self._take_more = client.register_script(_TAKE_MORE)
         self._stop_drain = client.register_script(_STOP_DRAIN)
         self._drain_take = client.register_script(_DRAIN_TAKE)
+        self._due_in = client.register_script(_DUE_IN)
         self._drain_stop = client.register_script(_DRAIN_STOP)
         self._drain_promise = client.register_script(_DRAIN_PROMISE)
         self._push_batch = client.register_script(_PUSH_BATCH)
@@ -443,7 +466,7 @@ class Buffers:
                   self.pending_ttl_s, int(time.time() * 1000), int(delay_ms)]))
         if ms >= 0:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority,
-                         countdown=ms / 1000.0 or None, counted=True, time_limit=time_limit)
+                         countdown=lead(ms / 1000.0), counted=True, time_limit=time_limit)
 
     def remove(self, *, tier: Tier, kind: str, key: str, job_id: str,
                enqueued_at: datetime) -> None:
@@ -481,6 +504,13 @@ class Buffers:
             items=[decode_item(item) for item in raw[1:]],
             retrigger_in_s=None if retrigger_ms < 0 else retrigger_ms / 1000.0,
         )
+
+    def due_in(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
+               delay_ms: float) -> float | None:
+        """Seconds until a trigger's batch is due (0: now); None: the buffer is empty."""
+        ms = int(self._due_in(keys=[buffer_key(tier, kind, key), processing],
+                              args=[max_batch, int(time.time() * 1000), int(delay_ms)]))
+        return None if ms < 0 else ms / 1000.0
 
     def drain_take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
                    delay_ms: float, drainer: str, pace: Pace | None) -> Taken:

@@ -33,6 +33,7 @@ from orchestrator.batching import (
     ServiceTimes,
     Taken,
     kind_service_field,
+    lead,
     processing_key,
 )
 from orchestrator.broker import RUN_TASK, publish
@@ -138,6 +139,12 @@ class Runtime:
         size, delay = self._take_shape(spec, policy)
         processing = processing_key(message_id)
         start = time.monotonic()
+        if spec.batch is not None:
+            # Triggers come a little before their cap (batching.TRIGGER_LEAD_S): wait for it.
+            wait = self.buffers.due_in(tier=Tier(tier), kind=kind, key=key,
+                                       processing=processing, max_batch=size, delay_ms=delay)
+            if wait is not None and 0 < wait <= BATCH_DRAIN_WAIT_MAX_S:
+                time.sleep(wait)
         taken = self.buffers.take(tier=Tier(tier), kind=kind, key=key, processing=processing,
                                   max_batch=size, delay_ms=delay)
         self._retrigger(taken.retrigger_in_s, Tier(tier), kind, key)
@@ -161,7 +168,7 @@ class Runtime:
         if retrigger_in_s is not None:
             policy = self.settings.policy(tier)
             self.buffers.trigger(tier=tier, kind=kind, key=key, priority=policy.priority,
-                                 countdown=retrigger_in_s, counted=True,
+                                 countdown=lead(retrigger_in_s), counted=True,
                                  time_limit=policy.time_limit_s)
 
     def _run_batches(self, kind: str, key: str, tier: Tier, message_id: str, size: int,
