@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ from orchestrator.batching import (
     PLAIN_KEY,
     PLAIN_TAKE_BUDGET_S,
     SERVICE_CACHE_S,
+    Pace,
     buffer_key,
     drain_key,
     drainers_key,
@@ -27,6 +29,7 @@ from orchestrator.db.models import jobs
 from orchestrator.errors import ServiceUnavailable
 from orchestrator.tiers import Tier
 from tests.conftest import WorkerProcess
+from workers.execution import BACKGROUND_CPU
 from workers.runtime import Runtime
 
 
@@ -222,6 +225,36 @@ def test_a_slot_that_stops_draining_withdraws_its_promise_and_triggers_what_is_l
     assert [h.status() for h in handles] == ["succeeded"] * 4 + ["queued"]
     assert not redis_client.zrange(drainers_key(buffer), 0, -1)
     assert redis_client.llen(queue) == 1  # the stop published the trigger the push did not
+
+
+def test_a_pace_fits_a_fixed_cost_per_batch_and_a_cost_per_job() -> None:
+    pace = Pace()
+    pace.add(4, 0.010)  # one size seen: its time scales with the batch
+    assert pace.seconds(8) == pytest.approx(0.020)
+    for n in (1, 2, 4, 8, 16) * 30:
+        pace.add(n, 0.003 + 0.002 * n)  # 3 ms a batch, 2 ms a job
+    assert pace.seconds(1) == pytest.approx(0.005, rel=0.02)
+    assert pace.seconds(10) == pytest.approx(0.023, rel=0.02)
+
+
+def test_cpu_the_write_behind_thread_spends_is_not_charged_to_the_call_it_overlaps(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = runtime.services.kinds.get("upper")
+
+    def overlapped(models, ctx):  # type: ignore[no-untyped-def]
+        out = spec.fn(models, ctx)
+        start = time.process_time()
+        while time.process_time() - start < 0.03:  # CPU the helper thread spent meanwhile
+            pass
+        BACKGROUND_CPU.add(time.process_time() - start)
+        return out
+
+    monkeypatch.setitem(runtime.services.kinds._kinds, "upper", replace(spec, fn=overlapped))
+    handle = client.submit("upper", {"texts": ["x"]})
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    job = handle.job()
+    assert job.state == "succeeded" and job.cpu_seconds < 0.015
 
 
 @pytest.mark.e2e
