@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from orchestrator.db.store import Claim, JobStore
@@ -51,6 +52,9 @@ class Outcomes:
     preempted: dict[str, int] = field(default_factory=dict)
     #: job id -> items done, for jobs whose window closed (they go back to deferred)
     deferred: dict[str, int] = field(default_factory=dict)
+    #: when the run ended (UTC): the slot was free from then, even if the finish is written
+    #: later (write-behind); None: at the finish
+    ran_until: datetime | None = None
 
     def ok(self, claim: Claim, result: Any, cpu: float, wall: float) -> None:
         self.items.append((claim, result, None, cpu, wall))

@@ -198,6 +198,7 @@ class Runtime:
             for n in itertools.count(1):
                 began = time.monotonic()
                 outcomes = self._claim_and_run([job_id for job_id, _ in taken.items])
+                outcomes.ran_until = utcnow()
                 self._pace.setdefault(kind, Pace()).add(len(taken.items),
                                                         time.monotonic() - began)
                 if writing is not None:
@@ -398,7 +399,8 @@ class Runtime:
         self.metrics.record(finishes, owned)
         if finishes:  # slot seconds per job, claim to finish: admission control's estimate
             started = min(f.claim.started_at for f in finishes)
-            seconds, tier = (utcnow() - started).total_seconds(), finishes[0].claim.tier
+            until = outcomes.ran_until or utcnow()  # a write-behind finish: the run's end
+            seconds, tier = (until - started).total_seconds(), finishes[0].claim.tier
 
             kinds = {f.claim.kind for f in finishes}
 
