@@ -227,6 +227,21 @@ def test_a_slot_that_stops_draining_withdraws_its_promise_and_triggers_what_is_l
     assert redis_client.llen(queue) == 1  # the stop published the trigger the push did not
 
 
+def test_a_trigger_waits_in_its_slot_for_its_cap_but_a_run_in_place_does_not(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("workers.runtime.BATCH_DRAIN_WAIT_MAX_S", 1.0)
+    early = client.submit("upper", {"texts": ["early"]})
+    runtime.execute_batch("upper", "g", "nearline", "m1")  # arrived before the 300 ms cap
+    job = early.job()
+    assert job.queue_seconds is not None and job.queue_seconds >= 0.29
+    now = client.submit("upper", {"texts": ["in place"]})
+    start = time.monotonic()
+    runtime.run_message("orchestrator.batch", ["upper", "g", "nearline"], "m2")
+    assert time.monotonic() - start < 0.25  # a paused chunk's slot does not sit idle
+    assert now.status() == "succeeded"
+
+
 def test_a_pace_fits_a_fixed_cost_per_batch_and_a_cost_per_job() -> None:
     pace = Pace()
     pace.add(4, 0.010)  # one size seen: its time scales with the batch

@@ -139,8 +139,9 @@ class Runtime:
         size, delay = self._take_shape(spec, policy)
         processing = processing_key(message_id)
         start = time.monotonic()
-        if spec.batch is not None:
+        if spec.batch is not None and drain:
             # Triggers come a little before their cap (batching.TRIGGER_LEAD_S): wait for it.
+            # (Run in place, the paused chunk's slot would sit idle: take what is there now.)
             wait = self.buffers.due_in(tier=Tier(tier), kind=kind, key=key,
                                        processing=processing, max_batch=size, delay_ms=delay)
             if wait is not None and 0 < wait <= BATCH_DRAIN_WAIT_MAX_S:
