@@ -58,9 +58,15 @@ _LOAD = """
 local nq = #KEYS - 4
 local n = 0
 for i = 1, nq do n = n + redis.call('LLEN', KEYS[i]) end
+local queued = n
+local triggers = 0
 for _, buffer in ipairs(redis.call('SMEMBERS', KEYS[nq + 1])) do
   n = n + redis.call('LLEN', buffer)
+  triggers = triggers + (tonumber(redis.call('GET', buffer .. ':pending')) or 0)
 end
+-- A batch trigger on a queue is not a job (its jobs are counted in their buffer): leave out
+-- as many queued messages as triggers are pending.
+n = n - math.min(triggers, queued)
 for _, tenant in ipairs(redis.call('HKEYS', KEYS[nq + 2])) do
   n = n + redis.call('LLEN', ARGV[2] .. ':q:' .. tenant)
 end

@@ -78,6 +78,8 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 BATCH_DRAIN_BUDGET_S = 1.0
 #: the longest a draining slot sleeps for the next batch's cap
 BATCH_DRAIN_WAIT_MAX_S = 0.02
+#: a push that makes a buffer non-empty publishes no trigger while this many are pending
+PUSH_MAX_PENDING = 4
 #: a trigger for a cap is due this much before it: the broker and the pool's dispatch take
 #: about that long (2 ms median, 4 ms p99 on an idle 2-core machine), so the task reaches its
 #: slot by the cap, waits there for it, and takes the batch on time
@@ -282,11 +284,13 @@ redis.call('PEXPIRE', KEYS[1], 60000)
 """
 
 # A batch kind's push. KEYS: buffer, buffers set, transport hash, pending counter, drainers.
-# ARGV: item, job id, attempt, max batch, pending ttl s, now ms, max delay ms.
+# ARGV: item, job id, attempt, max batch, pending ttl s, now ms, max delay ms, most pending.
 # Returns -1: no trigger; else publish one (counted as pending) in that many ms: 0 when a batch
 # is full, else at the oldest buffered job's cap. A job that makes the buffer non-empty needs a
-# trigger unless a draining slot promised to be back by its cap; a later job needs one only if
-# no trigger is pending and no live promise covers the oldest job (a promise was broken).
+# trigger unless a draining slot promised to be back by its cap, or ``PUSH_MAX_PENDING``
+# triggers are already on their way (while every slot drains, more would only pile up on the
+# tier's queue and each find an empty buffer later); a later job needs one only if no trigger
+# is pending and no live promise covers the oldest job (a promise was broken).
 _PUSH_BATCH = """
 local len = redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], KEYS[1])
@@ -298,7 +302,8 @@ local function counted(ms)
   return ms
 end
 if len % tonumber(ARGV[4]) == 0 then return counted(0) end
-if len > 1 and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then return -1 end
+local pending = tonumber(redis.call('GET', KEYS[4]) or '0')
+if pending > 0 and (len > 1 or pending >= tonumber(ARGV[8])) then return -1 end
 local oldest = redis.call('LINDEX', KEYS[1], 0)
 local cap = (tonumber(string.match(oldest, ' (%d+)$')) or now) + tonumber(ARGV[7])
 local live = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
@@ -463,7 +468,8 @@ class Buffers:
             keys=[buffer, buffers_set(tier), TRANSPORT_KEY, pending_key(buffer),
                   drainers_key(buffer)],
             args=[encode_item(job_id, enqueued_at), job_id, attempt, max_batch,
-                  self.pending_ttl_s, int(time.time() * 1000), int(delay_ms)]))
+                  self.pending_ttl_s, int(time.time() * 1000), int(delay_ms),
+                  PUSH_MAX_PENDING]))
         if ms >= 0:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority,
                          countdown=lead(ms / 1000.0), counted=True, time_limit=time_limit)

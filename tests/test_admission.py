@@ -18,6 +18,7 @@ from orchestrator.admission import (
     decide,
     record_service,
 )
+from orchestrator.broker import queue_key
 from orchestrator.db.models import jobs
 from orchestrator.errors import ConfigurationError, Overloaded
 from orchestrator.settings import Settings
@@ -135,6 +136,9 @@ def test_batch_buffers_and_waiting_bulk_chunks_count_in_the_backlog(
     for text in ("a", "b", "c"):
         client.submit("upper", {"texts": [text]})  # nearline, buffered, one trigger message
     assert redis_client.llen("orch:buf:nearline:upper:g") == 3
+    assert redis_client.llen(queue_key(Tier.NEARLINE, 3)) == 1  # the trigger: not a job
+    assert admission.load(Tier.NEARLINE).backlog == 3
+    client.submit("burn", {"ms": 1})  # a plain job's own message is one
     assert admission.load(Tier.NEARLINE).backlog == 3 + 1
     # 10 items in chunks of 2: a window of 4 chunks on the queue, 1 waiting its fair turn.
     client.submit_bulk("upper", [str(i) for i in range(10)], chunk_size=2, tenant="acme")

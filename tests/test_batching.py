@@ -15,6 +15,7 @@ from orchestrator.batching import (
     PLAIN_BATCH_MAX,
     PLAIN_KEY,
     PLAIN_TAKE_BUDGET_S,
+    PUSH_MAX_PENDING,
     SERVICE_CACHE_S,
     Pace,
     buffer_key,
@@ -199,6 +200,20 @@ def test_a_push_needs_no_trigger_when_a_draining_slot_promised_to_be_back_by_its
                             seconds=5.0)
     client.submit("upper", {"texts": ["d"]})
     assert redis_client.llen(queue) == 1
+
+
+def test_triggers_for_an_emptied_buffer_stop_piling_up_at_a_few_pending(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    queue = queue_key(Tier.NEARLINE, 3)
+    buffer = buffer_key("nearline", "upper", "g")
+    redis_client.set(pending_key(buffer), PUSH_MAX_PENDING - 1)  # slots busy, triggers waiting
+    client.submit("upper", {"texts": ["a"]})
+    assert redis_client.llen(queue) == 1  # one more may still find a free slot
+    redis_client.delete(buffer)  # a draining slot took it
+    client.submit("upper", {"texts": ["b"]})
+    assert redis_client.llen(queue) == 1  # enough are on their way: they take this job
+    assert int(redis_client.get(pending_key(buffer)) or 0) == PUSH_MAX_PENDING
 
 
 def test_a_slot_that_stops_draining_withdraws_its_promise_and_triggers_what_is_left(
