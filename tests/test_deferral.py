@@ -46,7 +46,10 @@ def keeper(client: Client, catalog: WindowCatalog) -> Iterator[WindowKeeper]:
 def test_a_deferred_submit_stores_the_job_and_publishes_nothing(
     client: Client, catalog: WindowCatalog, redis_client: redis.Redis
 ) -> None:
-    catalog.add(WindowSpec.build("nightly", cron="0 1 * * *", duration="5h"))
+    # Opens 12 hours from now for an hour: closed whenever the test runs (a fixed "0 1 * * *"
+    # was open, and the test failed, from 01:00 to 06:00 UTC).
+    hour = (utcnow().hour + 12) % 24
+    catalog.add(WindowSpec.build("nightly", cron=f"0 {hour} * * *", duration="1h"))
     handle = client.submit("echo", {"x": 1}, window="nightly")
     job = handle.job()
     assert (job.state, job.window) == ("deferred", "nightly")
