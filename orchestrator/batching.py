@@ -81,8 +81,9 @@ BATCH_DRAIN_WAIT_MAX_S = 0.02
 #: a push that makes a buffer non-empty publishes no trigger while this many are pending
 PUSH_MAX_PENDING = 4
 #: a trigger for a cap is due this much before it: the broker and the pool's dispatch take
-#: about that long (2 ms median, 4 ms p99 on an idle 2-core machine), so the task reaches its
-#: slot by the cap, waits there for it, and takes the batch on time
+#: about that long (2.2 ms median, 3.9 ms p99 at 5% load on 2 cores: "claim after cap" of
+#: ``bench/batching.py --only open --loads 0.05``), so the task reaches its slot by the cap,
+#: waits there for it, and takes the batch on time
 TRIGGER_LEAD_S = 0.003
 
 
@@ -160,10 +161,37 @@ class ServiceTimes:
     def take(self, kind: str) -> int:
         return plain_take(self.get(kind))
 
-# KEYS: buffer, processing list, pending-trigger counter.
-# ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s.
-# Returns {retrigger_ms or -1, item, item, ...}.
-_TAKE = """
+
+
+# Shared by the scripts that take from a buffer or stop draining it (one KEYS/ARGV layout:
+# KEYS[1] buffer, KEYS[2] processing list, KEYS[3] pending counter, KEYS[4] drainers or drain
+# flag; ARGV[1] max batch, ARGV[2] now ms, ARGV[3] max delay ms, ARGV[4] processing ttl s,
+# ARGV[5] pending ttl s).
+# retrigger: what remains gets a trigger unless one is pending (now if a batch is full, else at
+# the new oldest job's cap); returns its delay in ms (counted as pending), or -1.
+# promise: a draining slot will look at the buffer again at ``at`` ms.
+_SHARED_LUA = """
+local function retrigger(now)
+  local left = redis.call('LLEN', KEYS[1])
+  if left == 0 or tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then return -1 end
+  local ms = 0
+  if left < tonumber(ARGV[1]) then
+    local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$')) or now
+    ms = math.max(0, enq + tonumber(ARGV[3]) - now)
+  end
+  redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+  return ms
+end
+local function promise(drainers, id, at)
+  redis.call('ZADD', drainers, at, id)
+  redis.call('PEXPIRE', drainers, 60000)
+end
+"""
+
+# A trigger's take: up to max batch items into the processing list (a redelivered trigger finds
+# its items there), one pending trigger fewer. Returns {retrigger ms or -1, item, ...}.
+_TAKE = _SHARED_LUA + """
 local items
 if redis.call('EXISTS', KEYS[2]) == 1 then
   items = redis.call('LRANGE', KEYS[2], 0, -1)
@@ -176,24 +204,10 @@ else
     redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
   end
 end
-local left = redis.call('LLEN', KEYS[1])
-local retrigger = -1
-if left > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') == 0 then
-  if left >= tonumber(ARGV[1]) then
-    retrigger = 0
-  else
-    local oldest = redis.call('LINDEX', KEYS[1], 0)
-    local enq = tonumber(string.match(oldest, ' (%d+)$')) or tonumber(ARGV[2])
-    retrigger = math.max(0, enq + tonumber(ARGV[3]) - tonumber(ARGV[2]))
-  end
-  redis.call('INCR', KEYS[3])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
-end
-local out = {retrigger}
+local out = {retrigger(tonumber(ARGV[2]))}
 for i = 1, #items do out[#out + 1] = items[i] end
 return out
 """
-
 
 # How long until a trigger's batch is due. KEYS: buffer, processing list. ARGV: max batch, now
 # ms, max delay ms. Returns 0 when due (or a redelivered trigger's batch is already taken), -1
@@ -208,32 +222,15 @@ if not enq then return 0 end
 return math.max(enq + tonumber(ARGV[3]) - tonumber(ARGV[2]), 0)
 """
 
-# Shared by the takes: after taking, what remains gets a trigger unless one is pending (now if
-# a batch is full, else at the new oldest job's cap). KEYS[1] buffer, KEYS[3] pending counter;
-# ARGV[1] max batch, ARGV[3] max delay ms, ARGV[5] pending ttl s. Returns ms or -1.
-_RETRIGGER_LUA = """
-local function retrigger(now)
-  local left = redis.call('LLEN', KEYS[1])
-  if left == 0 or tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then return -1 end
-  local ms = 0
-  if left < tonumber(ARGV[1]) then
-    local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$')) or now
-    ms = math.max(0, enq + tonumber(ARGV[3]) - now)
-  end
-  redis.call('INCR', KEYS[3])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
-  return ms
-end
-"""
 
-# A draining slot's next batch. KEYS: buffer, processing list, pending counter, drainers.
-# ARGV: max batch, now ms, max delay ms, processing ttl s, pending ttl s, the tier's buffer set,
-# drainer id, ms of work per job (0: unknown, no promise), ms of work per batch.
+# A draining slot's next batch (KEYS[4]: drainers). More ARGV: the tier's buffer set, drainer
+# id, ms of work per job (0: unknown, no promise), ms of work per batch.
 # Returns {'empty'} (promise withdrawn), {'yield', retrigger ms or -1} (another buffer of the
 # tier holds jobs: its turn; promise withdrawn, the rest triggered), {'wait', ms} (the oldest
 # job's cap is ms away and the batch is not full: promised for then), or {'took', retrigger ms
-# or -1, item, ...} (promised for the batch's end).
-_DRAIN_TAKE = _RETRIGGER_LUA + """
+# or -1, item, ...} (promised for the batch's end). A slot that stops for another reason calls
+# ``_DRAIN_STOP``.
+_DRAIN_TAKE = _SHARED_LUA + """
 local now = tonumber(ARGV[2])
 for _, other in ipairs(redis.call('SMEMBERS', ARGV[6])) do
   if other ~= KEYS[1] and redis.call('LLEN', other) > 0 then
@@ -247,11 +244,10 @@ if len == 0 then
   return {'empty'}
 end
 if len < tonumber(ARGV[1]) then
-  local oldest = redis.call('LINDEX', KEYS[1], 0)
-  local enq = tonumber(string.match(oldest, ' (%d+)$')) or now
+  local enq = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), ' (%d+)$')) or now
   local wait = enq + tonumber(ARGV[3]) - now
   if wait > 0 then
-    redis.call('ZADD', KEYS[4], now + wait, ARGV[7])
+    promise(KEYS[4], ARGV[7], now + wait)
     return {'wait', wait}
   end
 end
@@ -260,27 +256,24 @@ redis.call('LTRIM', KEYS[1], #items, -1)
 redis.call('RPUSH', KEYS[2], unpack(items))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 if tonumber(ARGV[8]) > 0 then
-  redis.call('ZADD', KEYS[4], now + #items * tonumber(ARGV[8]) + tonumber(ARGV[9]), ARGV[7])
-  redis.call('PEXPIRE', KEYS[4], 60000)
+  promise(KEYS[4], ARGV[7], now + #items * tonumber(ARGV[8]) + tonumber(ARGV[9]))
 end
 local out = {'took', retrigger(now)}
 for i = 1, #items do out[#out + 1] = items[i] end
 return out
 """
 
-# A slot stops draining. KEYS: buffer, unused, pending counter, drainers.
-# ARGV: max batch, now ms, max delay ms, unused, pending ttl s, drainer id.
-# Withdraws its promise; returns the retrigger ms for what is left, or -1.
-_DRAIN_STOP = _RETRIGGER_LUA + """
+# A slot stops draining (KEYS[4]: drainers; ARGV[6]: drainer id): withdraws its promise and
+# returns the retrigger ms for what is left, or -1.
+_DRAIN_STOP = _SHARED_LUA + """
 redis.call('ZREM', KEYS[4], ARGV[6])
 return retrigger(tonumber(ARGV[2]))
 """
 
 # A slot starts draining (its first batch, taken by its trigger, runs until ARGV[2] ms).
 # KEYS: drainers. ARGV: drainer id, promised ms.
-_DRAIN_PROMISE = """
-redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 60000)
+_DRAIN_PROMISE = _SHARED_LUA + """
+promise(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 """
 
 # A batch kind's push. KEYS: buffer, buffers set, transport hash, pending counter, drainers.
@@ -347,16 +340,11 @@ redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[3]))
 return items
 """
 
-# A draining worker stops (its budget is spent). KEYS: buffer, pending counter, drain flag.
-# ARGV: pending ttl s. Returns 1 when jobs remain and a trigger must go out (counted).
-_STOP_DRAIN = """
-redis.call('DEL', KEYS[3])
-if redis.call('LLEN', KEYS[1]) > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') == 0 then
-  redis.call('INCR', KEYS[2])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
-  return 1
-end
-return 0
+# A draining worker stops (its budget is spent; KEYS[4]: the drain flag): the flag goes, and
+# jobs left get a trigger now unless one is pending. Returns 0 (publish one, counted) or -1.
+_STOP_DRAIN = _SHARED_LUA + """
+redis.call('DEL', KEYS[4])
+return retrigger(tonumber(ARGV[2]))
 """
 
 
@@ -586,8 +574,9 @@ class Buffers:
                       time_limit: float | None = None) -> None:
         """Clear the drain flag; publish a trigger if jobs remain and none is pending."""
         buffer = buffer_key(tier, kind, key)
-        if int(self._stop_drain(keys=[buffer, pending_key(buffer), drain_key(buffer)],
-                                args=[self.pending_ttl_s])):
+        if int(self._stop_drain(keys=[buffer, buffer, pending_key(buffer), drain_key(buffer)],
+                                args=[1, int(time.time() * 1000), 0, 0,
+                                      self.pending_ttl_s])) >= 0:
             self.trigger(tier=tier, kind=kind, key=key, priority=priority, countdown=None,
                          counted=True, time_limit=time_limit)
 

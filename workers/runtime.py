@@ -156,8 +156,7 @@ class Runtime:
             return {}
         self.buffers.hold(tier=Tier(tier), kind=kind, key=key, hold_s=DRAIN_HOLD_S)
         try:
-            states = self._run_taken([job_id for job_id, _ in taken.items])
-            self.buffers.done(processing)
+            states = self._run_taken([job_id for job_id, _ in taken.items], processing)
             return {**states, **self._drain(kind, key, Tier(tier), message_id, size, start)}
         except BaseException:
             self.buffers.stop_draining(tier=Tier(tier), kind=kind, key=key,
@@ -271,17 +270,16 @@ class Runtime:
                                            max_batch=size, hold_s=DRAIN_HOLD_S)
             if not items:  # empty: the flag is already cleared
                 return states
-            states.update(self._run_taken([job_id for job_id, _ in items]))
-            self.buffers.done(processing)
+            states.update(self._run_taken([job_id for job_id, _ in items], processing))
         # Budget spent: hand the slot back to Celery; a trigger goes out if jobs remain.
         policy = self.settings.policy(tier)
         self.buffers.stop_draining(tier=tier, kind=kind, key=key, priority=policy.priority,
                                    time_limit=policy.time_limit_s)
         return states
 
-    def _run_taken(self, ids: list[str]) -> dict[str, str]:
-        """Claim, run and finish jobs taken from a buffer; their new states."""
-        return self._finish_taken(self._claim_and_run(ids), None)
+    def _run_taken(self, ids: list[str], processing: str) -> dict[str, str]:
+        """Claim, run and finish jobs taken into ``processing``; their new states."""
+        return self._finish_taken(self._claim_and_run(ids), processing)
 
     def _claim_and_run(self, ids: list[str]) -> Outcomes:
         claims = self.services.store.claim_many(ids, self.worker, self._leases)
@@ -291,7 +289,7 @@ class Runtime:
                 self._not_claimable(job_id)
         return self._run(claims) if claims else Outcomes()
 
-    def _finish_taken(self, outcomes: Outcomes, processing: str | None, *,
+    def _finish_taken(self, outcomes: Outcomes, processing: str, *,
                       timed: bool = False) -> dict[str, str]:
         """Record what ran, then forget the processing list it was taken into.
 
@@ -300,8 +298,7 @@ class Runtime:
         cpu0 = time.thread_time() if timed else 0.0
         try:
             states = self._finish(outcomes) if outcomes.items else {}
-            if processing is not None:
-                self.buffers.done(processing)
+            self.buffers.done(processing)
             return {k: v for k, v in states.items() if v is not None}
         finally:
             if timed:
