@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,8 +23,10 @@ from orchestrator.batching import (
     drain_key,
     drainers_key,
     kind_service_field,
+    lingering_key,
     pending_key,
     plain_take,
+    wake_key,
 )
 from orchestrator.broker import queue_key
 from orchestrator.db.models import jobs
@@ -200,6 +203,88 @@ def test_a_push_needs_no_trigger_when_a_draining_slot_promised_to_be_back_by_its
                             seconds=5.0)
     client.submit("upper", {"texts": ["d"]})
     assert redis_client.llen(queue) == 1
+
+
+def _drain_take(runtime: Runtime, drainer: str, *, linger_s: float,
+                lower_queues: tuple[str, ...] = ()) -> str | None:
+    """One draining slot's look at the empty nearline buffer; its stop reason."""
+    return runtime.buffers.drain_take(
+        tier=Tier.NEARLINE, kind="upper", key="g", processing=f"proc-{drainer}", max_batch=4,
+        delay_ms=300, drainer=drainer, pace=None, linger_s=linger_s,
+        lower_queues=lower_queues).stop
+
+
+def test_one_slot_lingers_on_an_empty_buffer_unless_a_lower_tier_has_work(
+    runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    buffer = buffer_key("nearline", "upper", "g")
+    offline = queue_key(Tier.OFFLINE, 3)
+    redis_client.rpush(offline, "a waiting offline message")
+    assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_queues=(offline,)) == "empty"
+    assert not redis_client.zrange(lingering_key(buffer), 0, -1)
+    redis_client.delete(offline)
+    assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_queues=(offline,)) == "linger"
+    assert _drain_take(runtime, "slot-a", linger_s=0.5) == "linger"  # still it: renewed
+    assert _drain_take(runtime, "slot-b", linger_s=0.5) == "empty"  # one lingerer is enough
+    assert _drain_take(runtime, "slot-a", linger_s=0) == "empty"  # its linger is over
+    assert not redis_client.zrange(lingering_key(buffer), 0, -1)
+    assert _drain_take(runtime, "slot-b", linger_s=0.5) == "linger"
+    runtime.buffers.stop_promising(tier=Tier.NEARLINE, kind="upper", key="g",
+                                   drainer="slot-b", max_batch=4, delay_ms=300)
+    assert not redis_client.zrange(lingering_key(buffer), 0, -1)
+
+
+def test_a_push_wakes_a_lingering_slot_instead_of_publishing_a_trigger(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    queue = queue_key(Tier.NEARLINE, 3)
+    buffer = buffer_key("nearline", "upper", "g")
+    assert _drain_take(runtime, "slot-a", linger_s=0.5) == "linger"
+    client.submit("upper", {"texts": ["a"]})
+    client.submit("upper", {"texts": ["b"]})
+    assert redis_client.llen(queue) == 0 and redis_client.llen(buffer) == 2
+    assert redis_client.lrange(wake_key(buffer), 0, -1) == [b"1"]  # one token, not one a push
+    assert runtime.buffers.wait_push(tier=Tier.NEARLINE, kind="upper", key="g", timeout_s=1)
+    # A linger that has ended (the slot died, or went back to Celery) wakes no one.
+    redis_client.delete(buffer)
+    redis_client.zadd(lingering_key(buffer), {"slot-a": int(time.time() * 1000) - 1})
+    client.submit("upper", {"texts": ["c"]})
+    assert redis_client.llen(queue) == 1 and not redis_client.llen(wake_key(buffer))
+
+
+def test_a_draining_slot_lingers_and_takes_the_next_job_on_its_cap_with_no_trigger(
+    client: Client, runtime: Runtime, redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("workers.runtime.BATCH_LINGER_MAX_DELAY_MS", 1000.0)
+    monkeypatch.setattr("workers.runtime.BATCH_LINGER_S", 1.0)
+    monkeypatch.setattr("workers.runtime.BATCH_DRAIN_BUDGET_S", 8.0)
+    monkeypatch.setattr("workers.runtime.BATCH_DRAIN_WAIT_MAX_S", 1.0)  # the 300 ms cap
+    queue = queue_key(Tier.NEARLINE, 3)
+    buffer = buffer_key("nearline", "upper", "g")
+    first = client.submit("upper", {"texts": ["first"]})
+    redis_client.delete(queue, pending_key(buffer))  # its trigger: run by hand below
+    states: dict[str, str] = {}
+    slot = threading.Thread(target=lambda: states.update(
+        runtime.execute_batch("upper", "g", "nearline", "slot-a")))
+    slot.start()
+    deadline = time.monotonic() + 10
+    while not redis_client.zrange(lingering_key(buffer), 0, -1):
+        assert time.monotonic() < deadline and slot.is_alive(), "the slot never lingered"
+        time.sleep(0.01)
+    assert first.status() == "succeeded"
+    second = client.submit("upper", {"texts": ["second"]})
+    assert redis_client.llen(queue) == 0  # no trigger: the lingering slot takes it
+    assert second.result(timeout=10) == ["SECOND"]
+    job = second.job()
+    assert job.batch_id != first.job().batch_id
+    assert job.started_at is not None
+    waited = (job.started_at - job.created_at).total_seconds()
+    assert 0.29 <= waited < 1.0  # on its cap, not before
+    # Nothing more comes: the slot hands itself back when its linger ends.
+    slot.join(timeout=10)
+    assert not slot.is_alive() and states[second.id] == "succeeded"
+    assert not redis_client.zrange(lingering_key(buffer), 0, -1)
 
 
 def test_triggers_for_an_emptied_buffer_stop_piling_up_at_a_few_pending(

@@ -73,8 +73,11 @@ class HigherTierCheck:
     def __init__(self, client: redis.Redis, tier: Tier, *, enabled: bool = True,
                  served: Sequence[Tier] | None = None) -> None:
         served = TIER_ORDER if served is None else served
-        self.above = [t for t in TIER_ORDER if t.rank < tier.rank and t in served] \
-            if enabled else []
+        self._count([t for t in TIER_ORDER if t.rank < tier.rank and t in served]
+                    if enabled else [], client)
+
+    def _count(self, tiers: list[Tier], client: redis.Redis) -> None:
+        self.above = tiers
         self._keys = [queue_key(t, step) for t in self.above for step in PRIORITY_STEPS]
         self._args: list[str | int] = [len(PRIORITY_STEPS), *(buffers_set(t) for t in self.above)]
         self._script = client.register_script(_WAITING)
@@ -87,6 +90,26 @@ class HigherTierCheck:
 
     def waiting(self) -> int:
         return sum(self.waiting_by_tier().values())
+
+
+class LowerTierCheck(HigherTierCheck):
+    """Counts messages and buffered jobs waiting in the served tiers below ``tier``: a slot
+    lingering on a buffer of ``tier`` for its next job hands itself back when they have work."""
+
+    def __init__(self, client: redis.Redis, tier: Tier, *,
+                 served: Sequence[Tier] | None = None) -> None:
+        served = TIER_ORDER if served is None else served
+        self._count([t for t in TIER_ORDER if t.rank > tier.rank and t in served], client)
+
+    @property
+    def queue_keys(self) -> list[str]:
+        """The lower tiers' Celery queue keys (every priority step)."""
+        return self._keys
+
+    @property
+    def buffer_sets(self) -> list[str]:
+        """The sets naming the lower tiers' batch buffers."""
+        return [str(a) for a in self._args[1:]]
 
 
 Dispatch = Callable[[str, list[Any], str], None]

@@ -26,6 +26,9 @@ from orchestrator.admission import record_service
 from orchestrator.batching import (
     BATCH_DRAIN_BUDGET_S,
     BATCH_DRAIN_WAIT_MAX_S,
+    BATCH_LINGER_MAX_DELAY_MS,
+    BATCH_LINGER_S,
+    BATCH_LINGER_SLICE_S,
     BATCH_TASK,
     PLAIN_DRAIN_BUDGET_S,
     Buffers,
@@ -50,7 +53,7 @@ from orchestrator.tiers import Tier, TierPolicy
 from orchestrator.transport import mark_sent
 from workers.chunks import run_chunk
 from workers.execution import BACKGROUND_CPU, LeaseKeeper, Outcomes, call_kind, context
-from workers.preemption import HigherTierCheck, InPlaceServer
+from workers.preemption import HigherTierCheck, InPlaceServer, LowerTierCheck
 from workers.windowing import WindowGate
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,7 @@ class Runtime:
         self.metrics = WorkerMetrics()
         self.service_times = ServiceTimes(services.redis)
         self._higher: dict[Tier, HigherTierCheck] = {}
+        self._lower: dict[Tier, LowerTierCheck] = {}
         #: kind -> how long this process's drained batches take to claim and run (the slot's
         #: time before it looks at the buffer again), for its promises
         self._pace: dict[str, Pace] = {}
@@ -175,9 +179,10 @@ class Runtime:
                      delay_ms: float, start: float, taken: Taken, *, drain: bool
                      ) -> dict[str, str]:
         """Run the trigger's batch, then (``drain``) keep taking the buffer's batches in this
-        slot while they come (see batching.py): until the buffer is empty, the next cap is
-        further than ``BATCH_DRAIN_WAIT_MAX_S`` away or past the budget, a higher tier or
-        another buffer of the tier has work waiting, or ``BATCH_DRAIN_BUDGET_S`` is spent.
+        slot while they come (see batching.py): until the buffer is empty (and stays empty
+        while the slot lingers), the next cap is further than ``BATCH_DRAIN_WAIT_MAX_S`` away
+        or past the budget, a higher tier or another buffer of the tier has work waiting, or
+        ``BATCH_DRAIN_BUDGET_S`` is spent.
 
         Each batch's finish (its one transaction, signals, retries) is written by a helper
         thread while the next batch's model call runs, so the slot does not wait on the
@@ -223,16 +228,35 @@ class Runtime:
     def _next_batch(self, kind: str, key: str, tier: Tier, message_id: str, n: int, size: int,
                     delay_ms: float, start: float) -> tuple[str, Taken] | bool:
         """A draining slot's next due batch (waiting for its cap if near), or False: stop (the
-        caller withdraws the slot's promise), or True: stopped, promise already withdrawn."""
+        caller withdraws the slot's promise), or True: stopped, promise already withdrawn.
+
+        On an empty buffer with a short cap the slot lingers up to ``BATCH_LINGER_S``, blocked
+        on the buffer's wake list (a push wakes it instead of publishing a trigger), looking
+        at the higher tiers, the tier's other buffers and the lower tiers every
+        ``BATCH_LINGER_SLICE_S``; work waiting in a lower tier ends the linger."""
         higher = self._higher_check(tier)
         processing = processing_key(f"{message_id}:{n}")
+        linger_until: float | None = None  # lingering on the empty buffer until then
         while (left := BATCH_DRAIN_BUDGET_S - (time.monotonic() - start)) > 0:
             if higher.waiting():
                 return False
+            linger = 0.0
+            if delay_ms <= BATCH_LINGER_MAX_DELAY_MS:
+                linger = min(BATCH_LINGER_S, left) if linger_until is None \
+                    else min(linger_until - time.monotonic(), left)
+            lower = self._lower_check(tier)
             taken = self.buffers.drain_take(tier=tier, kind=kind, key=key,
                                             processing=processing, max_batch=size,
                                             delay_ms=delay_ms, drainer=message_id,
-                                            pace=self._pace.get(kind))
+                                            pace=self._pace.get(kind), linger_s=linger,
+                                            lower_queues=lower.queue_keys,
+                                            lower_buffer_sets=lower.buffer_sets)
+            if taken.stop == "linger":
+                if linger_until is None:
+                    linger_until = time.monotonic() + linger
+                self.buffers.wait_push(tier=tier, kind=kind, key=key,
+                                       timeout_s=min(linger, BATCH_LINGER_SLICE_S))
+                continue
             if taken.wait_s is not None:
                 if taken.wait_s > min(BATCH_DRAIN_WAIT_MAX_S, left):
                     return False
@@ -256,6 +280,13 @@ class Runtime:
         if check is None:
             check = self._higher[tier] = HigherTierCheck(
                 self.services.redis, tier, enabled=self.settings.preemption, served=self.tiers)
+        return check
+
+    def _lower_check(self, tier: Tier) -> LowerTierCheck:
+        check = self._lower.get(tier)
+        if check is None:
+            check = self._lower[tier] = LowerTierCheck(self.services.redis, tier,
+                                                       served=self.tiers)
         return check
 
     def _drain(self, kind: str, key: str, tier: Tier, message_id: str, size: int,
