@@ -55,7 +55,7 @@ UNKNOWN_DRAIN_RETRY_S = 5.0
 # Buffers, fair lists and worker entries are found through the sets (like fairness._DISPATCH).
 # Returns {backlog, service seconds or '', worker entry JSON...}; prunes expired workers.
 _LOAD = """
-local nq = #KEYS - 4
+local nq = #KEYS - 5
 local n = 0
 for i = 1, nq do n = n + redis.call('LLEN', KEYS[i]) end
 local queued = n
@@ -70,7 +70,8 @@ n = n - math.min(triggers, queued)
 for _, tenant in ipairs(redis.call('HKEYS', KEYS[nq + 2])) do
   n = n + redis.call('LLEN', ARGV[2] .. ':q:' .. tenant)
 end
-local out = {n, redis.call('HGET', KEYS[nq + 3], ARGV[1]) or ''}
+local out = {n, redis.call('HGET', KEYS[nq + 3], ARGV[1]) or '', redis.call('GET', KEYS[nq + 5])
+  or ''}
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[nq + 4])) do
   local entry = redis.call('GET', ARGV[3] .. name)
   if entry then out[#out + 1] = entry else redis.call('SREM', KEYS[nq + 4], name) end
@@ -101,6 +102,8 @@ class TierLoad:
     backlog: int
     service_s: float | None
     slots: int
+    #: the value of the key ``Admission`` was told to read along (``also_read``), or None
+    also_read: bytes | None = None
 
     @property
     def estimated_wait_s(self) -> float | None:
@@ -167,9 +170,13 @@ def decide(policy: TierPolicy, load: TierLoad) -> Overloaded | None:
 class Admission:
     """Reads tier load from Redis and refuses submits that a tier cannot take."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, *,
+                 also_read: str | None = None) -> None:
+        """``also_read``: a key whose value each reading returns too (the client reads the
+        tenants' quota version this way, in the same round trip)."""
         self.redis = client
         self.settings = settings
+        self.also_read = also_read
         self._load = client.register_script(_LOAD)
 
     def load(self, tier: Tier) -> TierLoad:
@@ -180,7 +187,8 @@ class Admission:
         """
         fair = fair_prefix(tier)
         keys = [queue_key(tier, step) for step in PRIORITY_STEPS]
-        keys += [buffers_set(tier), f"{fair}:weights", SERVICE_KEY, WORKERS_SET]
+        keys += [buffers_set(tier), f"{fair}:weights", SERVICE_KEY, WORKERS_SET,
+                 self.also_read or "orch:none"]
         try:
             raw = self._load(keys=keys, args=[tier.value, fair, WORKER_KEY_PREFIX])
         except redis.RedisError as e:
@@ -188,7 +196,8 @@ class Admission:
         service = raw[1].decode() if isinstance(raw[1], bytes) else raw[1]
         return TierLoad(tier=tier, backlog=int(raw[0]),
                         service_s=float(service) if service else None,
-                        slots=_slots(tier, raw[2:]))
+                        slots=_slots(tier, raw[3:]),
+                        also_read=(raw[2] or None) if self.also_read else None)
 
     def check(self, tier: Tier) -> TierLoad | None:
         """Admit one more job to ``tier`` or refuse it; return the load it was judged on.

@@ -36,7 +36,7 @@ from orchestrator.errors import (
     ServiceUnavailable,
 )
 from orchestrator.kinds import KindSpec
-from orchestrator.quotas import Quotas
+from orchestrator.quotas import UNREAD, VERSION_KEY, Quotas
 from orchestrator.results import decode_result, iter_rows
 from orchestrator.services import Services, done_channel
 from orchestrator.settings import Settings
@@ -92,7 +92,7 @@ class Client:
         self._service = ServiceTimes(services.redis)
         self._buffers = Buffers(services.redis, services.celery,
                                 processing_ttl_s=services.settings.visibility_timeout_s)
-        self._admission = Admission(services.redis, services.settings)
+        self._admission = Admission(services.redis, services.settings, also_read=VERSION_KEY)
         self._quotas = Quotas(services.engine, services.redis,
                               redis_url=services.settings.redis_url())
         self.windows = WindowCatalog(services.engine, services.settings)
@@ -292,9 +292,9 @@ class Client:
         if idempotency_key is not None and \
                 self.services.store.find_by_key(tenant, idempotency_key) is not None:
             return
-        if shed:
-            self._admission.check(tier)
-        self._quotas.check(tenant, tier)
+        load = self._admission.check(tier) if shed else None
+        # The admission check's one round trip also read the quota version.
+        self._quotas.check(tenant, tier, version=UNREAD if load is None else load.also_read)
 
     def chunks(self, job_id: str) -> list[JobView]:
         """A bulk job's chunks, in item order."""

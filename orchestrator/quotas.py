@@ -129,6 +129,13 @@ def _in_flight(tenant: str, tier: str) -> Any:
 #: Redis counter bumped by every quota change made through ``TenantStore.set``: processes that
 #: cache tenants' quotas (``Quotas``) re-read them when it moves.
 VERSION_KEY = "orch:tenants:version"
+
+
+class _Unread:
+    """``Quotas.check``'s default: the caller did not read ``VERSION_KEY``."""
+
+
+UNREAD = _Unread()
 #: A cached quota is re-read after this long even if the version did not move (a change made
 #: without Redis, or straight in the database, takes effect within it).
 QUOTA_CACHE_S = 5.0
@@ -277,33 +284,41 @@ class Quotas:
                                key_prefix=RATE_KEY_PREFIX)
         self._limiter = MovingWindowRateLimiter(storage)
 
-    def _quotas(self, tenant: str) -> TenantQuotas | None:
+    def _quotas(self, tenant: str, version: bytes | _Unread | None = UNREAD
+                ) -> TenantQuotas | None:
         """The tenant's quotas: cached while the version key stands still (one Redis GET
-        instead of a database read per submit), re-read when it moves or every few seconds."""
-        try:
-            version = self.redis.get(VERSION_KEY)
-        except redis.RedisError:
-            return self.tenants.get(tenant)  # no version to trust: read through
+        instead of a database read per submit, none when the caller read ``version`` already),
+        re-read when it moves or every few seconds."""
+        seen: bytes | str | None
+        if isinstance(version, _Unread):
+            try:
+                seen = self.redis.get(VERSION_KEY)
+            except redis.RedisError:
+                return self.tenants.get(tenant)  # no version to trust: read through
+        else:
+            seen = version
         now = time.monotonic()
         hit = self._cache.get(tenant)
-        if hit is not None and hit[1] == version and now - hit[2] < QUOTA_CACHE_S:
+        if hit is not None and hit[1] == seen and now - hit[2] < QUOTA_CACHE_S:
             return hit[0]
         quotas = self.tenants.get(tenant)
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[tenant] = (quotas, version, now)
+        self._cache[tenant] = (quotas, seen, now)
         return quotas
 
-    def check(self, tenant: str, tier: Tier) -> None:
+    def check(self, tenant: str, tier: Tier, *, version: bytes | _Unread | None = UNREAD
+              ) -> None:
         """Admit one more submit of ``tenant`` to ``tier`` or refuse it.
 
         The rate is checked last, so a submit refused by another quota does not use it up.
+        ``version``: ``VERSION_KEY``'s value, when the caller has just read it.
 
         Raises:
             QuotaExceeded: names the quota that refused it.
             ServiceUnavailable: Redis does not answer the rate check.
         """
-        quotas = self._quotas(tenant)
+        quotas = self._quotas(tenant, version)
         if quotas is None or not quotas.limited:
             return
         limit = quotas.max_inflight.get(tier.value)
