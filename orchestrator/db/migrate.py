@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, inspect
 
 import migrations
 from orchestrator.db.engine import make_engine, normalize_url
@@ -24,7 +25,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` up to ``revision`` (creating the SQLite file if needed)."""
     engine = make_engine(url)
     try:
-        with engine.begin() as conn:
+        with _connection(engine) as conn:
             config = alembic_config(url)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
@@ -35,12 +36,19 @@ def upgrade(url: str, revision: str = "head") -> None:
 def downgrade(url: str, revision: str) -> None:
     engine = make_engine(url)
     try:
-        with engine.begin() as conn:
+        with _connection(engine) as conn:
             config = alembic_config(url)
             config.attributes["connection"] = conn
             command.downgrade(config, revision)
     finally:
         engine.dispose()
+
+
+def _connection(engine: Engine) -> AbstractContextManager[Connection]:
+    """SQLite migrates in one transaction (its ``BEGIN IMMEDIATE`` keeps a second process
+    out); PostgreSQL in one transaction per revision, which lets a revision build an index
+    ``CONCURRENTLY`` outside any (Alembic's ``autocommit_block``)."""
+    return engine.begin() if engine.dialect.name == "sqlite" else engine.connect()
 
 
 def current_revision(engine: Engine) -> str | None:
