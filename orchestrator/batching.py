@@ -258,7 +258,7 @@ return math.max(enq + tonumber(ARGV[3]) - tonumber(ARGV[2]), 0)
 # A draining slot's next batch (KEYS[4]: drainers, KEYS[5]: lingering set, KEYS[6...]: the
 # lower tiers' queues). More ARGV: the tier's buffer set, drainer id, ms of work per job (0:
 # unknown, no promise), ms of work per batch, ms to linger on an empty buffer (0: do not),
-# ARGV[11...]: the lower tiers' buffer sets.
+# ARGV[11...]: the lower tiers' buffer sets ("b:<set>") and fair-turn prefixes ("f:<prefix>").
 # Returns {'empty'} (promise withdrawn), {'linger'} (empty, no lower tier has work waiting,
 # and this slot is the buffer's lingerer until now + ARGV[10] ms: a push wakes it), {'yield',
 # retrigger ms or -1} (another buffer of the tier holds jobs: its turn; promise withdrawn, the
@@ -282,8 +282,16 @@ if len == 0 then
     if linger > 0 and redis.call('LLEN', KEYS[i]) > 0 then linger = 0 end
   end
   for i = 11, #ARGV do
-    for _, lower in ipairs(linger > 0 and redis.call('SMEMBERS', ARGV[i]) or {}) do
-      if redis.call('LLEN', lower) > 0 then linger = 0 break end
+    if linger <= 0 then break end
+    local kind, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 3)
+    if kind == 'b' then  -- a lower tier's batch buffers
+      for _, lower in ipairs(redis.call('SMEMBERS', name)) do
+        if redis.call('LLEN', lower) > 0 then linger = 0 break end
+      end
+    else  -- a lower tier's bulk chunks waiting for their fair turn
+      for _, tenant in ipairs(redis.call('HKEYS', name .. ':weights')) do
+        if redis.call('LLEN', name .. ':q:' .. tenant) > 0 then linger = 0 break end
+      end
     end
   end
   if linger > 0 then
@@ -579,7 +587,8 @@ class Buffers:
     def drain_take(self, *, tier: Tier, kind: str, key: str, processing: str, max_batch: int,
                    delay_ms: float, drainer: str, pace: Pace | None,
                    linger_s: float = 0.0, lower_queues: Sequence[str] = (),
-                   lower_buffer_sets: Sequence[str] = ()) -> Taken:
+                   lower_buffer_sets: Sequence[str] = (),
+                   lower_fair_prefixes: Sequence[str] = ()) -> Taken:
         """A draining slot's next batch of a batch kind (see ``_DRAIN_TAKE``).
 
         Takes a batch only when it is due (full, or its oldest job at its cap), promising to
@@ -588,8 +597,9 @@ class Buffers:
         another buffer of the tier holds jobs (then its promise is withdrawn and what is left
         is triggered: ``retrigger_in_s``). With ``linger_s``, an empty buffer makes this slot
         its lingerer for that long (``stop`` "linger"; wait with ``wait_push``) unless another
-        slot already lingers on it or one of ``lower_queues`` (Celery queue keys) or of the
-        buffers in ``lower_buffer_sets`` holds work: then the slot is better handed back.
+        slot already lingers on it or one of ``lower_queues`` (Celery queue keys), of the
+        buffers in ``lower_buffer_sets`` or of the fair-turn lists under
+        ``lower_fair_prefixes`` (bulk chunks) holds work: then the slot is better handed back.
         """
         buffer = buffer_key(tier, kind, key)
         # The promise is a + b·n for the n jobs taken: Lua gets b and a in ms.
@@ -603,7 +613,8 @@ class Buffers:
             args=[max_batch, int(time.time() * 1000), int(delay_ms), self.processing_ttl_s,
                   self.pending_ttl_s, buffers_set(tier), drainer,
                   f"{per_job_ms:.3f}" if pace is not None else 0, f"{per_batch_ms:.3f}",
-                  max(int(linger_s * 1000), 0), *lower_buffer_sets])
+                  max(int(linger_s * 1000), 0), *(f"b:{b}" for b in lower_buffer_sets),
+                  *(f"f:{f}" for f in lower_fair_prefixes)])
         status = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         if status == "wait":
             return Taken(items=[], retrigger_in_s=None, wait_s=int(raw[1]) / 1000.0)

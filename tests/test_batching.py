@@ -20,6 +20,7 @@ from orchestrator.batching import (
     SERVICE_CACHE_S,
     Pace,
     buffer_key,
+    buffers_set,
     drain_key,
     drainers_key,
     kind_service_field,
@@ -31,6 +32,7 @@ from orchestrator.batching import (
 from orchestrator.broker import queue_key
 from orchestrator.db.models import jobs
 from orchestrator.errors import ServiceUnavailable
+from orchestrator.fairness import prefix as fair_prefix
 from orchestrator.tiers import Tier
 from tests.conftest import WorkerProcess
 from workers.execution import BACKGROUND_CPU
@@ -206,12 +208,14 @@ def test_a_push_needs_no_trigger_when_a_draining_slot_promised_to_be_back_by_its
 
 
 def _drain_take(runtime: Runtime, drainer: str, *, linger_s: float,
-                lower_queues: tuple[str, ...] = ()) -> str | None:
+                lower_queues: tuple[str, ...] = (), lower_fair: tuple[str, ...] = ()
+                ) -> str | None:
     """One draining slot's look at the empty nearline buffer; its stop reason."""
     return runtime.buffers.drain_take(
         tier=Tier.NEARLINE, kind="upper", key="g", processing=f"proc-{drainer}", max_batch=4,
         delay_ms=300, drainer=drainer, pace=None, linger_s=linger_s,
-        lower_queues=lower_queues).stop
+        lower_queues=lower_queues, lower_buffer_sets=(buffers_set(Tier.OFFLINE),),
+        lower_fair_prefixes=lower_fair).stop
 
 
 def test_one_slot_lingers_on_an_empty_buffer_unless_a_lower_tier_has_work(
@@ -223,7 +227,19 @@ def test_one_slot_lingers_on_an_empty_buffer_unless_a_lower_tier_has_work(
     assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_queues=(offline,)) == "empty"
     assert not redis_client.zrange(lingering_key(buffer), 0, -1)
     redis_client.delete(offline)
-    assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_queues=(offline,)) == "linger"
+    # Offline chunks waiting for their fair turn, or jobs in an offline buffer, are work too.
+    fair = fair_prefix(Tier.OFFLINE)
+    redis_client.hset(f"{fair}:weights", "acme", 1)
+    redis_client.rpush(f"{fair}:q:acme", "chunk-1")
+    assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_fair=(fair,)) == "empty"
+    redis_client.delete(f"{fair}:q:acme")
+    offline_buffer = buffer_key("offline", "upper", "g")
+    redis_client.sadd(buffers_set(Tier.OFFLINE), offline_buffer)
+    redis_client.rpush(offline_buffer, "job-1 0")
+    assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_fair=(fair,)) == "empty"
+    redis_client.delete(offline_buffer)
+    assert _drain_take(runtime, "slot-a", linger_s=0.5, lower_queues=(offline,),
+                       lower_fair=(fair,)) == "linger"
     assert _drain_take(runtime, "slot-a", linger_s=0.5) == "linger"  # still it: renewed
     assert _drain_take(runtime, "slot-b", linger_s=0.5) == "empty"  # one lingerer is enough
     assert _drain_take(runtime, "slot-a", linger_s=0) == "empty"  # its linger is over

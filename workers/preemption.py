@@ -42,6 +42,7 @@ from orchestrator.batching import (
     parse_buffer_key,
 )
 from orchestrator.broker import RUN_TASK, queue_key
+from orchestrator.fairness import prefix as fair_prefix
 from orchestrator.tiers import PRIORITY_STEPS, TIER_ORDER, Tier
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ class LowerTierCheck(HigherTierCheck):
     def buffer_sets(self) -> list[str]:
         """The sets naming the lower tiers' batch buffers."""
         return [str(a) for a in self._args[1:]]
+
+    @property
+    def fair_prefixes(self) -> list[str]:
+        """The key prefixes of the lower tiers' fair turns (bulk chunks not yet released)."""
+        return [fair_prefix(t) for t in self.above]
 
 
 Dispatch = Callable[[str, list[Any], str], None]

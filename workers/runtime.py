@@ -250,7 +250,8 @@ class Runtime:
                                             delay_ms=delay_ms, drainer=message_id,
                                             pace=self._pace.get(kind), linger_s=linger,
                                             lower_queues=lower.queue_keys,
-                                            lower_buffer_sets=lower.buffer_sets)
+                                            lower_buffer_sets=lower.buffer_sets,
+                                            lower_fair_prefixes=lower.fair_prefixes)
             if taken.stop == "linger":
                 if linger_until is None:
                     linger_until = time.monotonic() + linger
