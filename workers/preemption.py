@@ -78,16 +78,16 @@ class HigherTierCheck:
                     if enabled else [], client)
 
     def _count(self, tiers: list[Tier], client: redis.Redis) -> None:
-        self.above = tiers
-        self._keys = [queue_key(t, step) for t in self.above for step in PRIORITY_STEPS]
-        self._args: list[str | int] = [len(PRIORITY_STEPS), *(buffers_set(t) for t in self.above)]
+        self.tiers = tiers
+        self._keys = [queue_key(t, step) for t in self.tiers for step in PRIORITY_STEPS]
+        self._args: list[str | int] = [len(PRIORITY_STEPS), *(buffers_set(t) for t in self.tiers)]
         self._script = client.register_script(_WAITING)
 
     def waiting_by_tier(self) -> dict[Tier, int]:
-        if not self.above:
+        if not self.tiers:
             return {}
         counts = self._script(keys=self._keys, args=self._args)
-        return {t: int(n) for t, n in zip(self.above, counts, strict=True)}
+        return {t: int(n) for t, n in zip(self.tiers, counts, strict=True)}
 
     def waiting(self) -> int:
         return sum(self.waiting_by_tier().values())
@@ -115,7 +115,7 @@ class LowerTierCheck(HigherTierCheck):
     @property
     def fair_prefixes(self) -> list[str]:
         """The key prefixes of the lower tiers' fair turns (bulk chunks not yet released)."""
-        return [fair_prefix(t) for t in self.above]
+        return [fair_prefix(t) for t in self.tiers]
 
 
 Dispatch = Callable[[str, list[Any], str], None]
