@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from types import FrameType
 from typing import Any
@@ -65,6 +66,29 @@ return out
 """
 
 
+@dataclass(frozen=True)
+class TierWork:
+    """Where work of some tiers waits in Redis: their Celery queues (every priority step),
+    the sets naming their batch buffers, and the key prefixes of their fair turns (bulk chunks
+    not yet released onto a queue)."""
+
+    queues: list[str]
+    buffer_sets: list[str]
+    fair_prefixes: list[str]
+
+    @classmethod
+    def of(cls, tiers: Sequence[Tier]) -> TierWork:
+        return cls(queues=[queue_key(t, step) for t in tiers for step in PRIORITY_STEPS],
+                   buffer_sets=[buffers_set(t) for t in tiers],
+                   fair_prefixes=[fair_prefix(t) for t in tiers])
+
+    @classmethod
+    def below(cls, tier: Tier, served: Sequence[Tier]) -> TierWork:
+        """The served tiers under ``tier`` (a slot lingering for ``tier`` hands itself back
+        when they have work)."""
+        return cls.of([t for t in TIER_ORDER if t.rank > tier.rank and t in served])
+
+
 class HigherTierCheck:
     """Counts messages and buffered jobs waiting in the served tiers above ``tier``.
 
@@ -74,48 +98,21 @@ class HigherTierCheck:
     def __init__(self, client: redis.Redis, tier: Tier, *, enabled: bool = True,
                  served: Sequence[Tier] | None = None) -> None:
         served = TIER_ORDER if served is None else served
-        self._count([t for t in TIER_ORDER if t.rank < tier.rank and t in served]
-                    if enabled else [], client)
-
-    def _count(self, tiers: list[Tier], client: redis.Redis) -> None:
-        self.tiers = tiers
-        self._keys = [queue_key(t, step) for t in self.tiers for step in PRIORITY_STEPS]
-        self._args: list[str | int] = [len(PRIORITY_STEPS), *(buffers_set(t) for t in self.tiers)]
+        self.above = [t for t in TIER_ORDER if t.rank < tier.rank and t in served] \
+            if enabled else []
+        work = TierWork.of(self.above)
+        self._keys = work.queues
+        self._args: list[str | int] = [len(PRIORITY_STEPS), *work.buffer_sets]
         self._script = client.register_script(_WAITING)
 
     def waiting_by_tier(self) -> dict[Tier, int]:
-        if not self.tiers:
+        if not self.above:
             return {}
         counts = self._script(keys=self._keys, args=self._args)
-        return {t: int(n) for t, n in zip(self.tiers, counts, strict=True)}
+        return {t: int(n) for t, n in zip(self.above, counts, strict=True)}
 
     def waiting(self) -> int:
         return sum(self.waiting_by_tier().values())
-
-
-class LowerTierCheck(HigherTierCheck):
-    """Counts messages and buffered jobs waiting in the served tiers below ``tier``: a slot
-    lingering on a buffer of ``tier`` for its next job hands itself back when they have work."""
-
-    def __init__(self, client: redis.Redis, tier: Tier, *,
-                 served: Sequence[Tier] | None = None) -> None:
-        served = TIER_ORDER if served is None else served
-        self._count([t for t in TIER_ORDER if t.rank > tier.rank and t in served], client)
-
-    @property
-    def queue_keys(self) -> list[str]:
-        """The lower tiers' Celery queue keys (every priority step)."""
-        return self._keys
-
-    @property
-    def buffer_sets(self) -> list[str]:
-        """The sets naming the lower tiers' batch buffers."""
-        return [str(a) for a in self._args[1:]]
-
-    @property
-    def fair_prefixes(self) -> list[str]:
-        """The key prefixes of the lower tiers' fair turns (bulk chunks not yet released)."""
-        return [fair_prefix(t) for t in self.tiers]
 
 
 Dispatch = Callable[[str, list[Any], str], None]

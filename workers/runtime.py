@@ -53,7 +53,7 @@ from orchestrator.tiers import Tier, TierPolicy
 from orchestrator.transport import mark_sent
 from workers.chunks import run_chunk
 from workers.execution import BACKGROUND_CPU, LeaseKeeper, Outcomes, call_kind, context
-from workers.preemption import HigherTierCheck, InPlaceServer, LowerTierCheck
+from workers.preemption import HigherTierCheck, InPlaceServer, TierWork
 from workers.windowing import WindowGate
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ class Runtime:
         self.metrics = WorkerMetrics()
         self.service_times = ServiceTimes(services.redis)
         self._higher: dict[Tier, HigherTierCheck] = {}
-        self._lower: dict[Tier, LowerTierCheck] = {}
+        #: tier -> where work of the served tiers under it waits
+        self._below: dict[Tier, TierWork] = {}
         #: kind -> how long this process's drained batches take to claim and run (the slot's
         #: time before it looks at the buffer again), for its promises
         self._pace: dict[str, Pace] = {}
@@ -190,8 +191,7 @@ class Runtime:
         """
         processing = processing_key(message_id)
         if not taken.items or not drain:
-            return self._finish_taken(self._claim_and_run([j for j, _ in taken.items]),
-                                      processing)
+            return self._run_taken([job_id for job_id, _ in taken.items], processing)
         pace = self._pace.get(kind)
         if pace is not None:  # pushes meanwhile need no trigger if this slot is back by their cap
             self.buffers.promise(tier=tier, kind=kind, key=key, drainer=message_id,
@@ -244,12 +244,13 @@ class Runtime:
             if delay_ms <= BATCH_LINGER_MAX_DELAY_MS:
                 linger = min(BATCH_LINGER_S, left) if linger_until is None \
                     else min(linger_until - time.monotonic(), left)
-            lower = self._lower_check(tier)
+            lower = self._below.get(tier) or self._below.setdefault(
+                tier, TierWork.below(tier, self.tiers))
             taken = self.buffers.drain_take(tier=tier, kind=kind, key=key,
                                             processing=processing, max_batch=size,
                                             delay_ms=delay_ms, drainer=message_id,
                                             pace=self._pace.get(kind), linger_s=linger,
-                                            lower_queues=lower.queue_keys,
+                                            lower_queues=lower.queues,
                                             lower_buffer_sets=lower.buffer_sets,
                                             lower_fair_prefixes=lower.fair_prefixes)
             if taken.stop == "linger":
@@ -281,13 +282,6 @@ class Runtime:
         if check is None:
             check = self._higher[tier] = HigherTierCheck(
                 self.services.redis, tier, enabled=self.settings.preemption, served=self.tiers)
-        return check
-
-    def _lower_check(self, tier: Tier) -> LowerTierCheck:
-        check = self._lower.get(tier)
-        if check is None:
-            check = self._lower[tier] = LowerTierCheck(self.services.redis, tier,
-                                                       served=self.tiers)
         return check
 
     def _drain(self, kind: str, key: str, tier: Tier, message_id: str, size: int,

@@ -138,8 +138,8 @@ class EmbeddingModel:
             return np.zeros((0, getattr(self, "_dim", 0)), dtype=np.float32), []
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        tokens = [int(n) for n in mask.sum(axis=1)]
-        empty = np.flatnonzero(np.array(tokens) == 0)
+        counts = mask.sum(axis=1)
+        empty = np.flatnonzero(counts == 0)
         if empty.size:
             raise PermanentError(f"text at index {int(empty[0])} has no tokens to embed")
         feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
@@ -154,7 +154,7 @@ class EmbeddingModel:
             weights = mask[:, :, None].astype(np.float32)
             out = (out * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return (out / np.maximum(norms, 1e-12)).astype(np.float32, copy=False), tokens
+        return (out / np.maximum(norms, 1e-12)).astype(np.float32, copy=False), counts.tolist()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text costs the model (after truncation, padding excluded).
