@@ -36,7 +36,7 @@ from orchestrator.fairness import prefix as fair_prefix
 from orchestrator.tiers import Tier
 from tests.conftest import WorkerProcess
 from workers.execution import BACKGROUND_CPU
-from workers.runtime import Runtime
+from workers.runtime import WRITE_BEHIND_GATE_S, Runtime
 
 
 def _drain(runtime: Runtime, n: int = 50) -> None:
@@ -405,6 +405,51 @@ def test_a_slot_time_written_behind_counts_the_run_not_the_wait_for_the_database
     assert [h.status() for h in handles] == ["succeeded"] * 2
     per_job = float(redis_client.hget("orch:svc", "nearline") or 0)
     assert 0 < per_job < 0.1  # admission's estimate: not the 0.15 s a job the commit took
+
+
+def _record_store_calls(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *,
+                        claim_delay_s: float = 0.0) -> list[tuple[str, float]]:
+    """Wrap claim_many and finish_many: each call's name and start time, in call order."""
+    store, calls = runtime.services.store, []
+    claim_many, finish_many = store.claim_many, store.finish_many
+
+    def claim(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(("claim", time.monotonic()))
+        if len(calls) > 1:
+            time.sleep(claim_delay_s)
+        return claim_many(ids, *args, **kwargs)
+
+    def finish(done, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(("finish", time.monotonic()))
+        return finish_many(done, *args, **kwargs)
+
+    monkeypatch.setattr(store, "claim_many", claim)
+    monkeypatch.setattr(store, "finish_many", finish)
+    return calls
+
+
+def test_a_batch_written_behind_starts_after_the_slot_claimed_its_next_batch(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _record_store_calls(runtime, monkeypatch)
+    handles = [client.submit("upper", {"texts": [f"g{i}"]}) for i in range(8)]
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert [h.status() for h in handles] == ["succeeded"] * 8
+    # Two full batches: the first one's finish waited for the second one's claim.
+    assert [name for name, _ in calls] == ["claim", "claim", "finish", "finish"]
+
+
+def test_a_batch_written_behind_waits_for_the_next_claim_only_so_long(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _record_store_calls(runtime, monkeypatch, claim_delay_s=0.5)
+    handles = [client.submit("upper", {"texts": [f"s{i}"]}) for i in range(8)]
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert [h.status() for h in handles] == ["succeeded"] * 8
+    # The second claim is slow: the first batch's finish starts after the gate's timeout.
+    assert [name for name, _ in calls] == ["claim", "claim", "finish", "finish"]
+    second_claim, first_finish = calls[1][1], calls[2][1]
+    assert WRITE_BEHIND_GATE_S * 0.8 <= first_finish - second_claim < 0.4
 
 
 @pytest.mark.e2e
