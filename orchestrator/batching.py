@@ -64,7 +64,7 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 # next batch the same way). The trigger the submit published stays the backstop: if this slot
 # is busy at the cap, another one takes the batch. The loop ends when the buffer is empty, the
 # next cap is further away, work of a higher tier or another buffer of the same tier is waiting,
-# or ``BATCH_DRAIN_BUDGET_S`` is spent.
+# or the tier's ``drain_budget_s`` is spent.
 #
 # A draining slot also *promises* when it will look at the buffer again (``drainers_key``: the
 # end of the batch it runs, from its own recent pace, or the cap it sleeps until).
@@ -81,8 +81,6 @@ PLAIN_DRAIN_BUDGET_S = 0.25
 # process and no task start in between (at 25% load on 2 cores the worker's main process went
 # from 1.3 to 0.58 ms of CPU per job, ``bench/batching.py --only open``).
 
-#: how long one trigger's task may keep taking its buffer's batches
-BATCH_DRAIN_BUDGET_S = 1.0
 #: the longest a draining slot sleeps for the next batch's cap
 BATCH_DRAIN_WAIT_MAX_S = 0.02
 #: a draining slot that finds its buffer empty waits this long for the next push (lingers)

@@ -60,6 +60,10 @@ class TierPolicy(BaseModel):
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
     preempt_min_slice_s: float = Field(default=1.0, ge=0)
+    #: how long one batch trigger's task keeps taking its buffer's batches before it hands
+    #: its slot back to Celery: what a plain job of the tier can wait behind a draining slot,
+    #: against one broker round trip and task start per budget
+    drain_budget_s: float = Field(default=1.0, gt=0)
     queue_wait_objective_s: float = Field(default=0.0, ge=0)
     max_backlog: int = Field(default=0, ge=0)
     hard_backlog: int = Field(default=0, ge=0)
@@ -88,12 +92,12 @@ DEFAULT_POLICIES: dict[Tier, TierPolicy] = {
     Tier.NEARLINE: TierPolicy(
         priority=3, time_limit_s=900, lease_s=60, max_attempts=5,
         backoff_base_s=2, backoff_max_s=120, max_batch_size=64, max_queue_delay_ms=500,
-        preempt_min_slice_s=0.25, max_backlog=100_000,
+        preempt_min_slice_s=0.25, drain_budget_s=3.0, max_backlog=100_000,
     ),
     Tier.OFFLINE: TierPolicy(
         priority=6, time_limit_s=7200, lease_s=120, max_attempts=8,
         backoff_base_s=10, backoff_max_s=900, max_batch_size=256, max_queue_delay_ms=5000,
-        preempt_min_slice_s=0.5, hard_backlog=5_000_000,
+        preempt_min_slice_s=0.5, drain_budget_s=3.0, hard_backlog=5_000_000,
     ),
 }
 

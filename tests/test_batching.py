@@ -169,6 +169,27 @@ def test_a_slot_does_not_wait_for_a_cap_beyond_reach(client: Client, runtime: Ru
     assert handles[4].status() == "queued"
 
 
+def test_a_draining_slot_hands_back_once_its_tiers_drain_budget_is_spent(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nearline = runtime.settings.policy(Tier.NEARLINE)
+    monkeypatch.setitem(runtime.settings.tiers, Tier.NEARLINE,
+                        nearline.model_copy(update={"drain_budget_s": 0.3}))
+    spec = runtime.services.kinds.get("upper")
+
+    def slow(models, ctx):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        return spec.fn(models, ctx)
+
+    monkeypatch.setitem(runtime.services.kinds._kinds, "upper", replace(spec, fn=slow))
+    handles = [client.submit("upper", {"texts": [f"b{i}"]}) for i in range(24)]
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    # Six full batches were due; 200 ms each, the 300 ms budget ended the task after two.
+    assert set(states) == {h.id for h in handles[:8]}
+    assert [h.status() for h in handles[8:]] == ["queued"] * 16
+    assert runtime.services.redis.llen(buffer_key("nearline", "upper", "g")) == 16
+
+
 def test_a_draining_slot_hands_back_for_higher_tiers_other_buffers_and_in_place_runs(
     client: Client, runtime: Runtime
 ) -> None:
@@ -274,7 +295,9 @@ def test_a_draining_slot_lingers_and_takes_the_next_job_on_its_cap_with_no_trigg
 ) -> None:
     monkeypatch.setattr("workers.runtime.BATCH_LINGER_MAX_DELAY_MS", 1000.0)
     monkeypatch.setattr("workers.runtime.BATCH_LINGER_S", 1.0)
-    monkeypatch.setattr("workers.runtime.BATCH_DRAIN_BUDGET_S", 8.0)
+    nearline = runtime.settings.policy(Tier.NEARLINE)
+    monkeypatch.setitem(runtime.settings.tiers, Tier.NEARLINE,
+                        nearline.model_copy(update={"drain_budget_s": 8.0}))
     monkeypatch.setattr("workers.runtime.BATCH_DRAIN_WAIT_MAX_S", 1.0)  # the 300 ms cap
     queue = queue_key(Tier.NEARLINE, 3)
     buffer = buffer_key("nearline", "upper", "g")

@@ -61,7 +61,9 @@ def test_tier_policy_overrides_and_round_trip_through_the_environment(tmp_path: 
         "ORCH_IMPORTS": "a.kinds, b.kinds",
         "ORCH_TIER_INTERACTIVE_LEASE_S": "7.5",
         "ORCH_TIER_OFFLINE_MAX_ATTEMPTS": "2",
+        "ORCH_TIER_NEARLINE_DRAIN_BUDGET_S": "0.5",
     })
+    assert s.policy(Tier.NEARLINE).drain_budget_s == 0.5
     assert s.policy(Tier.INTERACTIVE).lease_s == 7.5
     assert s.policy(Tier.OFFLINE).max_attempts == 2
     assert s.imports == ("a.kinds", "b.kinds")
@@ -75,6 +77,7 @@ def test_tier_policy_overrides_and_round_trip_through_the_environment(tmp_path: 
         ({"ORCH_TIER_NEARLINE_PRIORITY": "1"}, "nearline priority 1 must be above"),
         ({"ORCH_TIER_OFFLINE_PRIORITY": "2"}, "offline priority 2 must be above"),
         ({"ORCH_TIER_OFFLINE_LEASE_S": "-1"}, "lease_s"),
+        ({"ORCH_TIER_NEARLINE_DRAIN_BUDGET_S": "0"}, "drain_budget_s"),
         ({"ORCH_TIER_BATCH_LEASE_S": "1"}, "unknown setting"),
         ({"ORCH_VISIBILITY_TIMEOUT_S": "soon"}, "visibility_timeout_s"),
     ],

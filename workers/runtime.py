@@ -25,7 +25,6 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.admission import record_service
 from orchestrator.batching import (
-    BATCH_DRAIN_BUDGET_S,
     BATCH_DRAIN_WAIT_MAX_S,
     BATCH_LINGER_MAX_DELAY_MS,
     BATCH_LINGER_S,
@@ -141,7 +140,7 @@ class Runtime:
         """Run one batch trigger: take buffered jobs, run them as one call, finish them at once.
 
         Then, with ``drain``, the task keeps its slot while batches keep coming: a batch kind's
-        next batch is taken when due (``_run_batches``, up to ``BATCH_DRAIN_BUDGET_S``); a
+        next batch is taken when due (``_run_batches``, up to the tier's ``drain_budget_s``); a
         plain kind's newly arrived jobs take after take for up to ``PLAIN_DRAIN_BUDGET_S``
         (``_drain``; while it does, submits publish no trigger). Returns the new state of every
         job it ran.
@@ -190,7 +189,7 @@ class Runtime:
         slot while they come (see batching.py): until the buffer is empty (and stays empty
         while the slot lingers), the next cap is further than ``BATCH_DRAIN_WAIT_MAX_S`` away
         or past the budget, a higher tier or another buffer of the tier has work waiting, or
-        ``BATCH_DRAIN_BUDGET_S`` is spent.
+        the tier's ``drain_budget_s`` is spent.
 
         Each batch's finish (its one transaction, signals, retries) is written by a helper
         thread while the next batch's model call runs, so the slot does not wait on the
@@ -250,7 +249,8 @@ class Runtime:
         higher = self._higher_check(tier)
         processing = processing_key(f"{message_id}:{n}")
         linger_until: float | None = None  # lingering on the empty buffer until then
-        while (left := BATCH_DRAIN_BUDGET_S - (time.monotonic() - start)) > 0:
+        budget = self.settings.policy(tier).drain_budget_s
+        while (left := budget - (time.monotonic() - start)) > 0:
             if higher.waiting():
                 return False
             linger = 0.0
