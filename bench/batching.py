@@ -753,6 +753,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432",
                    help="server URL; a throwaway database is created and dropped")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--setting", action="append", default=[], metavar="ORCH_NAME=VALUE",
+                   help="a worker setting for the run (repeatable), e.g. "
+                        "ORCH_TIER_INTERACTIVE_DRAIN_BUDGET_S=3")
     p.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "orch-batching",
                    help="the workers' logs (kept)")
     args = p.parse_args(argv)
@@ -765,6 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         DEFAULT_POLICIES[Tier(args.drain_tier)].max_batch_size
     args.raw_batches = sorted({args.batch, *(int(x) for x in args.raw_batches.split(",") if x)})
     args.only = [s for s in args.only.split(",") if s]
+    if bad := [s for s in args.setting if "=" not in s or not s.startswith("ORCH_")]:
+        p.error(f"--setting takes ORCH_NAME=VALUE, got {bad}")
     if unknown := set(args.only) - set(STEPS):
         p.error(f"unknown step(s) {sorted(unknown)}; choose from {','.join(STEPS)}")
     return args
@@ -791,6 +796,7 @@ def worker_settings(args: argparse.Namespace, db_url: str, broker: str, tmp: Pat
         f"ORCH_TIER_{args.drain_tier.upper()}_MAX_BATCH_SIZE": str(args.drain_max_batch),
         "ORCH_TIER_INTERACTIVE_MAX_BATCH_SIZE": str(args.interactive_batch),
         "ORCH_TIER_INTERACTIVE_MAX_QUEUE_DELAY_MS": str(args.interactive_delay_ms),
+        **dict(item.split("=", 1) for item in args.setting),
     })
 
 
