@@ -6,7 +6,9 @@ validated; only when the whole stream is in are the chunks queued and published.
 anywhere refuses the whole submit with nothing left behind, and no chunk starts on a job that
 could still be refused. Workers write each chunk's results to a file in the result store and
 count its items into the parent in the same transaction as the chunk's own finish, so a
-redelivered chunk neither writes twice nor counts twice.
+redelivered chunk neither writes twice nor counts twice. A client that dies while it reads the
+stream leaves a parent that never ends: the reconciler fails it once no chunk has been staged
+for ``ORCH_BULK_STREAM_TIMEOUT_S`` and drops its staged chunks (none of them ran).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis import RedisError
 
-from orchestrator.db.deferral import defer_chunks
+from orchestrator.db.deferral import StreamGivenUp, defer_chunks
 from orchestrator.db.models import JobState
 from orchestrator.db.store import NewJob
 from orchestrator.errors import InvalidOption, InvalidPayload, ServiceUnavailable
@@ -105,12 +107,19 @@ def submit_bulk(
         store.delete_bulk(parent_id)
         raise
     _set_result_dir(client, parent_id)
-    if window is not None:
-        # Staged chunks had no window, so no scheduler could release part of a stream that
-        # might still be refused; now they all wait for it.
-        defer_chunks(client.services.engine, parent_id, total, window)
-        return JobHandle(client, parent_id, created=True)
-    chunk_ids = store.release_chunks(parent_id, total)
+    try:
+        if window is not None:
+            # Staged chunks had no window, so no scheduler could release part of a stream that
+            # might still be refused; now they all wait for it.
+            defer_chunks(client.services.engine, parent_id, total, window)
+            return JobHandle(client, parent_id, created=True)
+        chunk_ids = store.release_chunks(parent_id, total)
+    except StreamGivenUp:
+        store.drop_staged(parent_id)
+        raise ServiceUnavailable(
+            f"bulk job {parent_id} was given up while its items streamed in: no chunk was "
+            f"staged for ORCH_BULK_STREAM_TIMEOUT_S ({client.settings.bulk_stream_timeout_s:g} "
+            "s); it is failed and none of its items ran") from None
     try:
         # Chunks wait per tenant and reach the queue in fair turns (orchestrator.fairness).
         fair = FairDispatcher(client.services.redis, client.services.celery,

@@ -62,6 +62,9 @@ class Settings(BaseModel):
     #: A queued job is only checked once it has been due this long (a submit in flight has
     #: stored its row but not yet published), and an expired lease only this long after expiry.
     reconcile_grace_s: float = Field(default=5.0, ge=0)
+    #: A bulk submission whose stream has staged no chunk for this long (its client died while
+    #: reading the items) is given up by the reconciler: the parent fails, its staged chunks go.
+    bulk_stream_timeout_s: float = Field(default=900.0, gt=0)
 
     @model_validator(mode="after")
     def _tier_steps_in_order(self) -> Settings:
@@ -106,7 +109,7 @@ class Settings(BaseModel):
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
             "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION", "ORCH_CONFIG",
             "ORCH_SCHEDULER_TICK_S", "ORCH_SCHEDULER_LEASE_S", "ORCH_RECONCILE_INTERVAL_S",
-            "ORCH_RECONCILE_GRACE_S",
+            "ORCH_RECONCILE_GRACE_S", "ORCH_BULK_STREAM_TIMEOUT_S",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -144,6 +147,7 @@ class Settings(BaseModel):
             ("scheduler_lease_s", "ORCH_SCHEDULER_LEASE_S"),
             ("reconcile_interval_s", "ORCH_RECONCILE_INTERVAL_S"),
             ("reconcile_grace_s", "ORCH_RECONCILE_GRACE_S"),
+            ("bulk_stream_timeout_s", "ORCH_BULK_STREAM_TIMEOUT_S"),
         ):
             if env.get(var):
                 raw[key] = env[var]
@@ -227,6 +231,7 @@ class Settings(BaseModel):
             "ORCH_SCHEDULER_LEASE_S": repr(self.scheduler_lease_s),
             "ORCH_RECONCILE_INTERVAL_S": repr(self.reconcile_interval_s),
             "ORCH_RECONCILE_GRACE_S": repr(self.reconcile_grace_s),
+            "ORCH_BULK_STREAM_TIMEOUT_S": repr(self.bulk_stream_timeout_s),
         }
         if self.database_url:
             env["ORCH_DATABASE_URL"] = self.database_url

@@ -4,6 +4,7 @@ finishes exactly once."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from orchestrator.client import Client
 from orchestrator.db.deferral import events
 from orchestrator.db.models import jobs
 from orchestrator.db.store import utcnow
+from orchestrator.errors import ServiceUnavailable
 from orchestrator.local import LocalWorker
 from orchestrator.scheduler.process import SchedulerProcess
 from orchestrator.scheduler.reconciler import Reconciler
@@ -140,3 +142,75 @@ def test_after_a_redis_flush_mid_run_every_job_finishes_exactly_once(
     latest = max(at for at, _ in republished)
     # Re-published within two reconciler periods of the flush (plus the grace).
     assert (latest - flushed).total_seconds() <= 2 * period + 0.5
+
+
+_DIES_MID_STREAM = """
+import os, signal
+from orchestrator.client import Client
+from orchestrator.settings import Settings
+
+def items():
+    for i in range(10):
+        if i == 5:  # two chunks of 2 staged, the third half read: the client dies
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield f"x{i}"
+
+client = Client.from_settings(Settings.from_env())
+client.submit_bulk("upper", items(), chunk_size=2, idempotency_key="stream-1")
+"""
+
+
+def test_a_bulk_job_whose_client_died_mid_stream_is_failed_and_its_staged_chunks_dropped(
+    client: Client, reconciler: Reconciler, settings: Settings, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES_MID_STREAM)
+    env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(Path(__file__).parent.parent)}
+    died = subprocess.run([sys.executable, str(script)], env=env, timeout=60)
+    assert died.returncode == -9
+    parent_id = client.services.store.find_by_key("default", "stream-1")
+    assert parent_id is not None
+    parent = client.services.store.get(parent_id)
+    assert parent.state == "running" and parent.items_total is None
+    assert [c.state for c in client.chunks(parent_id)] == ["deferred", "deferred"]
+    timeout = settings.bulk_stream_timeout_s
+    # Within the timeout a slow stream is left alone.
+    assert reconciler.check(utcnow() + timedelta(seconds=timeout - 5)).given_up == []
+    report = reconciler.check(utcnow() + timedelta(seconds=timeout + 1))
+    assert report.given_up == [parent_id]
+    parent = client.services.store.get(parent_id)
+    assert parent.state == "failed" and "bulk submission abandoned" in (parent.error or "")
+    assert "staged 2 chunk(s)" in (parent.error or "")
+    assert client.chunks(parent_id) == []  # staged, never released, never ran: dropped
+    [(_, event, _)] = events(client.services.engine, parent_id)
+    assert event == "given up"
+    # The same key now names the failed job; nothing else is given up.
+    again = client.submit_bulk("upper", ["y"], idempotency_key="stream-1")
+    assert again.id == parent_id and not again.created
+    assert reconciler.check(utcnow() + timedelta(seconds=timeout + 1)).given_up == []
+
+
+def test_a_stream_that_ends_after_it_was_given_up_is_refused_and_leaves_no_chunk(
+    client: Client, reconciler: Reconciler, settings: Settings, redis_client: redis.Redis
+) -> None:
+    running = client.submit("upper", {"texts": ["not a stream"]})
+    given_up: list[str] = []
+
+    def slow_items() -> Iterator[str]:
+        yield from ("a", "b")
+        # The client stalls past the timeout; the reconciler gives the job up meanwhile.
+        later = utcnow() + timedelta(seconds=settings.bulk_stream_timeout_s + 1)
+        given_up.extend(reconciler.check(later).given_up)
+        yield from ("c", "d")
+
+    with pytest.raises(ServiceUnavailable, match="given up while its items streamed in"):
+        client.submit_bulk("upper", slow_items(), chunk_size=2, idempotency_key="slow")
+    parent_id = client.services.store.find_by_key("default", "slow")
+    assert given_up == [parent_id]
+    parent = client.services.store.get(parent_id)
+    assert parent.state == "failed" and parent.items_total is None
+    assert client.chunks(parent_id) == []
+    assert running.status() == "queued"  # a plain job is never a stream

@@ -12,11 +12,20 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
 
-from orchestrator.db.models import JobState, attempts, job_events, jobs, utcnow
+from orchestrator.db.models import JobState, UTCDateTime, attempts, job_events, jobs, utcnow
 
 #: A bulk parent names its window too, but it holds no slot (its chunks do).
 _NOT_A_BULK_PARENT = or_(jobs.c.parent_id.is_not(None), jobs.c.items_total.is_(None))
+#: A bulk parent whose items are still streaming in: created running and never claimed, its
+#: total unknown until the stream ends (``release_chunks``/``defer_chunks`` fix it).
+STREAMING = and_(jobs.c.state == JobState.RUNNING, jobs.c.parent_id.is_(None),
+                 jobs.c.items_total.is_(None), jobs.c.attempts == 0)
+
+
+class StreamGivenUp(Exception):
+    """The bulk job's stream ended after the reconciler gave the job up."""
 
 
 def window_load(engine: Engine, window: str) -> int:
@@ -115,8 +124,55 @@ def defer_chunks(engine: Engine, parent_id: str, items_total: int, window: str, 
 
     now = now or utcnow()
     with engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == parent_id).values(items_total=items_total))
+        end_stream(conn, parent_id, items_total)
         conn.execute(update(jobs).where(and_(jobs.c.parent_id == parent_id,
                                              jobs.c.state == JobState.DEFERRED))
                      .values(window=window, queued_at=now))
         complete_parent(conn, parent_id, now)
+
+
+def end_stream(conn: Connection, parent_id: str, items_total: int) -> None:
+    """Fix a streamed bulk job's total, unless the reconciler gave it up meanwhile.
+
+    Raises:
+        StreamGivenUp: the parent is no longer streaming; the caller's transaction rolls back.
+    """
+    if conn.execute(update(jobs).where(jobs.c.id == parent_id, STREAMING)
+                    .values(items_total=items_total)).rowcount != 1:
+        raise StreamGivenUp(parent_id)
+
+
+def abandoned_streams(engine: Engine, before: datetime, limit: int
+                      ) -> list[tuple[str, int, datetime]]:
+    """Bulk jobs still streaming that staged nothing since ``before``: ``(id, chunks staged,
+    last staged at)``, oldest first."""
+    chunk = jobs.alias("chunk")
+    last = func.coalesce(func.max(chunk.c.created_at), jobs.c.created_at, type_=UTCDateTime())
+    with engine.connect() as conn:
+        return [(r.id, int(r.staged), r.last) for r in conn.execute(
+            select(jobs.c.id, func.count(chunk.c.id).label("staged"), last.label("last"))
+            .select_from(jobs.outerjoin(chunk, chunk.c.parent_id == jobs.c.id))
+            .where(STREAMING, jobs.c.created_at < before)
+            .group_by(jobs.c.id, jobs.c.created_at)
+            .having(last < before)
+            .order_by(last).limit(limit))]
+
+
+def give_up_stream(engine: Engine, parent_id: str, before: datetime, error: str, *,
+                   now: datetime | None = None) -> bool:
+    """Fail a bulk job whose stream staged nothing since ``before`` and drop its staged chunks
+    (none ever ran: they wait, unreleased, for the stream's end). False if it streamed again
+    or ended meanwhile. One transaction."""
+    chunk = jobs.alias("chunk")
+    fresh = select(chunk.c.id).where(chunk.c.parent_id == parent_id,
+                                     chunk.c.created_at >= before).exists()
+    with engine.begin() as conn:
+        failed = conn.execute(
+            update(jobs).where(jobs.c.id == parent_id, STREAMING, ~fresh)
+            .values(state=JobState.FAILED, finished_at=now or utcnow(), error=error)).rowcount
+        if failed != 1:
+            return False
+        conn.execute(jobs.delete().where(jobs.c.parent_id == parent_id,
+                                         jobs.c.state == JobState.DEFERRED,
+                                         jobs.c.window.is_(None)))
+        return True

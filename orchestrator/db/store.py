@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.costs.charge import Charge
+from orchestrator.db.deferral import end_stream
 from orchestrator.db.models import JobState, UTCDateTime, attempts, jobs, tenants, utcnow
 from orchestrator.db.transitions import Claim, Finish, Transitions, complete_parent
 
@@ -296,6 +297,13 @@ class JobStore(Transitions):
 
     # --- bulk jobs ---------------------------------------------------------------------------
 
+    def drop_staged(self, parent_id: str) -> None:
+        """Remove a bulk job's chunks that were staged and never released."""
+        with self.engine.begin() as conn:
+            conn.execute(jobs.delete().where(jobs.c.parent_id == parent_id,
+                                             jobs.c.state == JobState.DEFERRED,
+                                             jobs.c.window.is_(None)))
+
     def delete_bulk(self, parent_id: str) -> None:
         """Remove a bulk job that was refused while its items streamed in."""
         with self.engine.begin() as conn:
@@ -304,11 +312,14 @@ class JobStore(Transitions):
 
     def release_chunks(self, parent_id: str, items_total: int, *,
                        now: datetime | None = None) -> list[str]:
-        """All items are in: queue the staged chunks and fix the parent's total."""
+        """All items are in: queue the staged chunks and fix the parent's total.
+
+        Raises:
+            StreamGivenUp: the reconciler gave the job up meanwhile; nothing changed.
+        """
         now = now or utcnow()
         with self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == parent_id)
-                         .values(items_total=items_total))
+            end_stream(conn, parent_id, items_total)
             conn.execute(
                 update(jobs)
                 .where(and_(jobs.c.parent_id == parent_id, jobs.c.state == JobState.DEFERRED))

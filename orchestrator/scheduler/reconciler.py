@@ -13,6 +13,10 @@ at most once per check, recording why in ``job_events``:
   time-limit kill that acknowledged the message). The message goes out once per expired
   attempt (``orch:takeover``); the claim takes the job over, or marks it dead when no attempt
   is left.
+- **bulk submissions whose client died while streaming**: a bulk parent still reading its
+  items (``STREAMING``) that staged no chunk for ``ORCH_BULK_STREAM_TIMEOUT_S`` is failed with
+  the reason, and its staged chunks, which never ran, are dropped. A client still streaming
+  after that gets ``ServiceUnavailable`` when its stream ends.
 - **batch buffers nothing will take**: jobs in a buffer with no trigger pending and no worker
   draining it (a worker died while draining a plain kind's buffer, and the jobs pushed while
   its flag lasted published no trigger). Each such buffer gets a trigger.
@@ -27,7 +31,13 @@ from datetime import datetime, timedelta
 
 from orchestrator.batching import Buffers
 from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY
-from orchestrator.db.deferral import lease_expired, queued_due, record_events
+from orchestrator.db.deferral import (
+    abandoned_streams,
+    give_up_stream,
+    lease_expired,
+    queued_due,
+    record_events,
+)
 from orchestrator.db.models import JobState
 from orchestrator.db.store import utcnow
 from orchestrator.services import Services
@@ -43,6 +53,7 @@ class Report:
 
     republished: list[str] = field(default_factory=list)
     taken_over: list[str] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)  # bulk jobs whose stream stopped
     triggered: list[str] = field(default_factory=list)  # buffers
 
 
@@ -95,6 +106,7 @@ class Reconciler:
                  "re-published for takeover") for j in running
                 if j.id in set(report.taken_over)], now=now)
         settings = self.services.settings
+        report.given_up = self._give_up_streams(now, settings.bulk_stream_timeout_s)
         report.triggered = self.buffers.sweep(
             tuple(Tier), priority_of=lambda t: settings.policy(t).priority,
             time_limit_of=lambda t: settings.policy(t).time_limit_s)
@@ -106,6 +118,21 @@ class Reconciler:
                         "%d running job(s) whose lease expired", len(report.republished),
                         len(report.taken_over))
         return report
+
+    def _give_up_streams(self, now: datetime, timeout_s: float) -> list[str]:
+        before = now - timedelta(seconds=timeout_s)
+        given_up: list[str] = []
+        for parent_id, staged, last in abandoned_streams(self.services.engine, before,
+                                                         self.limit):
+            error = (f"bulk submission abandoned: the submitting client staged {staged} "
+                     f"chunk(s), the last at {last.isoformat()}, then no more for "
+                     f"{timeout_s:g} s (ORCH_BULK_STREAM_TIMEOUT_S); none of its items ran, "
+                     "submit it again")
+            if give_up_stream(self.services.engine, parent_id, before, error, now=now):
+                given_up.append(parent_id)
+                record_events(self.services.engine, [(parent_id, "given up", error)], now=now)
+                log.warning("reconciler: bulk job %s failed: %s", parent_id, error)
+        return given_up
 
     def _without(self, key: str, rows: Sequence[tuple[str, int]]) -> list[str]:
         out: list[str] = []
