@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.db.models import JobState, UTCDateTime, attempts, job_events, jobs, utcnow
@@ -172,7 +172,11 @@ def give_up_stream(engine: Engine, parent_id: str, before: datetime, error: str,
             .values(state=JobState.FAILED, finished_at=now or utcnow(), error=error)).rowcount
         if failed != 1:
             return False
-        conn.execute(jobs.delete().where(jobs.c.parent_id == parent_id,
-                                         jobs.c.state == JobState.DEFERRED,
-                                         jobs.c.window.is_(None)))
+        conn.execute(jobs.delete().where(staged_chunks(parent_id)))
         return True
+
+
+def staged_chunks(parent_id: str) -> ColumnElement[bool]:
+    """A bulk job's chunks staged while its stream is read (not released, no window yet)."""
+    return and_(jobs.c.parent_id == parent_id, jobs.c.state == JobState.DEFERRED,
+                jobs.c.window.is_(None))

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.costs.charge import Charge
-from orchestrator.db.deferral import end_stream
+from orchestrator.db.deferral import end_stream, staged_chunks
 from orchestrator.db.models import JobState, UTCDateTime, attempts, jobs, tenants, utcnow
 from orchestrator.db.transitions import Claim, Finish, Transitions, complete_parent
 
@@ -300,9 +300,7 @@ class JobStore(Transitions):
     def drop_staged(self, parent_id: str) -> None:
         """Remove a bulk job's chunks that were staged and never released."""
         with self.engine.begin() as conn:
-            conn.execute(jobs.delete().where(jobs.c.parent_id == parent_id,
-                                             jobs.c.state == JobState.DEFERRED,
-                                             jobs.c.window.is_(None)))
+            conn.execute(jobs.delete().where(staged_chunks(parent_id)))
 
     def delete_bulk(self, parent_id: str) -> None:
         """Remove a bulk job that was refused while its items streamed in."""
