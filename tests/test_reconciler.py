@@ -5,6 +5,8 @@ finishes exactly once."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -163,9 +165,6 @@ client.submit_bulk("upper", items(), chunk_size=2, idempotency_key="stream-1")
 def test_a_bulk_job_whose_client_died_mid_stream_is_failed_and_its_staged_chunks_dropped(
     client: Client, reconciler: Reconciler, settings: Settings, tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
-
     script = tmp_path / "dies.py"
     script.write_text(_DIES_MID_STREAM)
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(Path(__file__).parent.parent)}
