@@ -409,6 +409,15 @@ return retrigger(tonumber(ARGV[2]))
 """
 
 
+# Taken items go back to the head of their buffer. KEYS: buffer, processing list, buffers set.
+# ARGV: the items, oldest first.
+_GIVE_BACK = """
+for i = #ARGV, 1, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+if #ARGV > 0 then redis.call('SADD', KEYS[3], KEYS[1]) end
+redis.call('DEL', KEYS[2])
+"""
+
+
 def buffer_key(tier: Tier | str, kind: str, key: str) -> str:
     return f"orch:buf:{Tier(tier).value}:{kind}:{key}"
 
@@ -501,6 +510,7 @@ class Buffers:
         self._drain_stop = client.register_script(_DRAIN_STOP)
         self._drain_promise = client.register_script(_DRAIN_PROMISE)
         self._push_batch = client.register_script(_PUSH_BATCH)
+        self._give_back = client.register_script(_GIVE_BACK)
 
     def push(self, *, tier: Tier, kind: str, key: str, priority: int, job_id: str,
              enqueued_at: datetime, max_batch: int, delay_ms: float,
@@ -582,7 +592,7 @@ class Buffers:
                    delay_ms: float, drainer: str, pace: Pace | None,
                    linger_s: float = 0.0, lower_queues: Sequence[str] = (),
                    lower_buffer_sets: Sequence[str] = (),
-                   lower_fair_prefixes: Sequence[str] = ()) -> Taken:
+                   lower_fair_prefixes: Sequence[str] = (), ahead_s: float = 0.0) -> Taken:
         """A draining slot's next batch of a batch kind (see ``_DRAIN_TAKE``).
 
         Takes a batch only when it is due (full, or its oldest job at its cap), promising to
@@ -594,12 +604,14 @@ class Buffers:
         slot already lingers on it or one of ``lower_queues`` (Celery queue keys), of the
         buffers in ``lower_buffer_sets`` or of the fair-turn lists under
         ``lower_fair_prefixes`` (bulk chunks) holds work: then the slot is better handed back.
+        ``ahead_s``: the slot takes this batch while its current one still runs for about that
+        long (claim-ahead): the promise starts then.
         """
         buffer = buffer_key(tier, kind, key)
         # The promise is a + b·n for the n jobs taken: Lua gets b and a in ms.
         per_job_ms = per_batch_ms = 0.0
         if pace is not None:
-            per_batch_ms = pace.seconds(0) * 1000
+            per_batch_ms = (pace.seconds(0) + ahead_s) * 1000
             per_job_ms = max(pace.seconds(1) * 1000 - per_batch_ms, 1e-3)
         raw = self._drain_take(
             keys=[buffer, processing, pending_key(buffer), drainers_key(buffer),
@@ -617,6 +629,14 @@ class Buffers:
         if status != "took":
             return Taken(items=[], retrigger_in_s=retrigger, stop=status)
         return Taken(items=[decode_item(item) for item in raw[2:]], retrigger_in_s=retrigger)
+
+    def give_back(self, *, tier: Tier, kind: str, key: str, processing: str,
+                  items: Sequence[tuple[str, int]]) -> None:
+        """Put taken items back at the head of their buffer (in their order, with their
+        enqueue times) and forget their processing list: a batch that will not run here."""
+        buffer = buffer_key(tier, kind, key)
+        self._give_back(keys=[buffer, processing, buffers_set(tier)],
+                        args=[f"{job_id} {ms}" for job_id, ms in items])
 
     def wait_push(self, *, tier: Tier, kind: str, key: str, timeout_s: float) -> bool:
         """A lingering slot waits (blocked in Redis, no CPU) until a push wakes it or

@@ -50,6 +50,9 @@ class Settings(BaseModel):
     embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
     fair_window: int = Field(default=4, ge=1, le=10_000)
     preemption: bool = True
+    #: A draining slot of a tier that does not linger takes and claims its next due batch
+    #: while the current one's model runs (handed back if higher-tier work arrives).
+    claim_ahead: bool = True
     #: The deployment's TOML file (``[windows.NAME]``, ``[prices]``); ``ORCH_CONFIG``, else
     #: ``orchestrator.toml`` in the state dir when it exists.
     config_file: Path | None = None
@@ -109,7 +112,7 @@ class Settings(BaseModel):
             "ORCH_RESULT_WAIT_POLL_S", "ORCH_MODEL_THREADS", "ORCH_MODEL_BATCH",
             "ORCH_EMBED_VARIANT", "ORCH_FAIR_WINDOW", "ORCH_PREEMPTION", "ORCH_CONFIG",
             "ORCH_SCHEDULER_TICK_S", "ORCH_SCHEDULER_LEASE_S", "ORCH_RECONCILE_INTERVAL_S",
-            "ORCH_RECONCILE_GRACE_S", "ORCH_BULK_STREAM_TIMEOUT_S",
+            "ORCH_RECONCILE_GRACE_S", "ORCH_BULK_STREAM_TIMEOUT_S", "ORCH_CLAIM_AHEAD",
         }
         tier_fields = set(TierPolicy.model_fields)
         overrides: dict[Tier, dict[str, str]] = {tier: {} for tier in TIER_ORDER}
@@ -143,6 +146,7 @@ class Settings(BaseModel):
             ("embed_variant", "ORCH_EMBED_VARIANT"),
             ("fair_window", "ORCH_FAIR_WINDOW"),
             ("preemption", "ORCH_PREEMPTION"),
+            ("claim_ahead", "ORCH_CLAIM_AHEAD"),
             ("scheduler_tick_s", "ORCH_SCHEDULER_TICK_S"),
             ("scheduler_lease_s", "ORCH_SCHEDULER_LEASE_S"),
             ("reconcile_interval_s", "ORCH_RECONCILE_INTERVAL_S"),
@@ -227,6 +231,7 @@ class Settings(BaseModel):
             "ORCH_EMBED_VARIANT": self.embed_variant,
             "ORCH_FAIR_WINDOW": str(self.fair_window),
             "ORCH_PREEMPTION": "1" if self.preemption else "0",
+            "ORCH_CLAIM_AHEAD": "1" if self.claim_ahead else "0",
             "ORCH_SCHEDULER_TICK_S": repr(self.scheduler_tick_s),
             "ORCH_SCHEDULER_LEASE_S": repr(self.scheduler_lease_s),
             "ORCH_RECONCILE_INTERVAL_S": repr(self.reconcile_interval_s),

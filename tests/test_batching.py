@@ -30,7 +30,8 @@ from orchestrator.batching import (
     wake_key,
 )
 from orchestrator.broker import queue_key
-from orchestrator.db.models import jobs
+from orchestrator.db.models import attempts, jobs
+from orchestrator.db.store import utcnow
 from orchestrator.errors import ServiceUnavailable
 from orchestrator.fairness import prefix as fair_prefix
 from orchestrator.tiers import Tier
@@ -210,6 +211,109 @@ def test_a_draining_slot_hands_back_for_higher_tiers_other_buffers_and_in_place_
     assert len(runtime.execute_batch("upper", "g", "nearline", "m6")) == 4
 
 
+def _job_rows(client: Client, ids: list[str]) -> dict[str, object]:
+    with client.services.engine.connect() as conn:
+        return {row.id: row for row in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))}
+
+
+def test_a_draining_slot_claims_its_next_due_batch_while_the_current_one_runs(
+    client: Client, runtime: Runtime
+) -> None:
+    handles = [client.submit("upper", {"texts": [f"a{i}"]}) for i in range(12)]
+    first, second = [h.id for h in handles[:4]], [h.id for h in handles[4:8]]
+    seen: dict[str, object] = {}
+    original = runtime._run
+
+    def run(claims):  # type: ignore[no-untyped-def]
+        batch = [c.job_id for c in claims]
+        if batch == first:  # the next batch is claimed while this one runs
+            deadline = time.monotonic() + 5
+            while {r.state for r in _job_rows(client, second).values()} != {"running"}:
+                assert time.monotonic() < deadline, "the next batch was not claimed ahead"
+                time.sleep(0.01)
+            seen["running"] = {r.id: r.started_at for r in _job_rows(client, second).values()}
+        out = original(claims)
+        if batch == first:
+            seen["first_ran_until"] = out.ran_until or utcnow()
+            time.sleep(0.05)
+        return out
+
+    runtime._run = run  # type: ignore[method-assign]
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert set(states) == {h.id for h in handles}  # three batches in one task
+    # Claimed ahead, a job had no start time until its batch started; then the run's start.
+    assert seen["running"] == {job_id: None for job_id in second}
+    rows = _job_rows(client, second)
+    with client.services.engine.connect() as conn:
+        tries = conn.execute(select(attempts).where(attempts.c.job_id.in_(second))).all()
+    assert len(tries) == 4 and {t.number for t in tries} == {1}
+    for t in tries:
+        row = rows[t.job_id]
+        assert row.state == "succeeded" and row.attempts == 1
+        assert row.started_at == t.started_at >= seen["first_ran_until"]  # type: ignore[operator]
+        assert row.queue_seconds == pytest.approx(
+            (row.started_at - row.queued_at).total_seconds(), abs=0.002)
+
+
+def test_a_batch_claimed_ahead_is_handed_back_when_higher_tier_work_arrives(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    handles = [client.submit("upper", {"texts": [f"a{i}"]}) for i in range(12)]
+    second = [h.id for h in handles[4:8]]
+    buffer = buffer_key("nearline", "upper", "g")
+    items_before = redis_client.lrange(buffer, 4, 7)
+    original = runtime._run
+
+    def run(claims):  # type: ignore[no-untyped-def]
+        if [c.job_id for c in claims] == [h.id for h in handles[:4]]:
+            deadline = time.monotonic() + 5
+            while {r.state for r in _job_rows(client, second).values()} != {"running"}:
+                assert time.monotonic() < deadline, "the next batch was not claimed ahead"
+                time.sleep(0.01)
+            client.submit("upper", {"texts": ["urgent"]}, tier="interactive")
+        return original(claims)
+
+    runtime._run = run  # type: ignore[method-assign]
+    queue = queue_key(Tier.NEARLINE, 3)
+    redis_client.delete(queue, pending_key(buffer))
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert set(states) == {h.id for h in handles[:4]}  # the slot stopped for the interactive job
+    # The batch claimed ahead is as if never claimed: queued, no attempt, at the buffer's head
+    # in its order with its enqueue times, and a trigger for the buffer is on its way.
+    rows = _job_rows(client, second)
+    assert {(r.state, r.attempts, r.started_at) for r in rows.values()} == {("queued", 0, None)}
+    with client.services.engine.connect() as conn:
+        assert not conn.execute(select(attempts).where(attempts.c.job_id.in_(second))).all()
+    assert redis_client.lrange(buffer, 0, 7) == items_before + redis_client.lrange(buffer, 4, 7)
+    assert redis_client.llen(buffer) == 8
+    assert redis_client.llen(queue) == 1
+    runtime.execute_batch("upper", "g", "interactive", "m2")
+    runtime._run = original  # type: ignore[method-assign]
+    _drain(runtime)
+    assert [h.status() for h in handles] == ["succeeded"] * 12
+    assert {r.attempts for r in _job_rows(client, [h.id for h in handles]).values()} == {1}
+
+
+def test_claiming_ahead_can_be_switched_off(client: Client, runtime: Runtime,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "settings", runtime.settings.model_copy(
+        update={"claim_ahead": False}))
+    handles = [client.submit("upper", {"texts": [f"a{i}"]}) for i in range(8)]
+    second = [h.id for h in handles[4:]]
+    states_during: list[set[str]] = []
+    original = runtime._run
+
+    def run(claims):  # type: ignore[no-untyped-def]
+        out = original(claims)
+        states_during.append({r.state for r in _job_rows(client, second).values()})
+        return out
+
+    runtime._run = run  # type: ignore[method-assign]
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    assert states_during[0] == {"queued"}
+    assert [h.status() for h in handles] == ["succeeded"] * 8
+
+
 def test_a_push_needs_no_trigger_when_a_draining_slot_promised_to_be_back_by_its_cap(
     client: Client, runtime: Runtime, redis_client: redis.Redis
 ) -> None:
@@ -355,15 +459,15 @@ def test_a_slot_that_stops_draining_withdraws_its_promise_and_triggers_what_is_l
     # One job arrives while the slot runs the batch: its cap (300 ms) is beyond the 20 ms the
     # slot waits, so the slot stops, and the job must get a trigger even though the slot had
     # promised to be back in time when it was pushed.
-    original = runtime._claim_and_run
+    original = runtime._run
 
-    def run_and_push(ids: list[str]):  # type: ignore[no-untyped-def]
-        out = original(ids)
+    def run_and_push(claims):  # type: ignore[no-untyped-def]
+        out = original(claims)
         if len(handles) == 4:
             handles.append(client.submit("upper", {"texts": ["late"]}))
         return out
 
-    runtime._claim_and_run = run_and_push  # type: ignore[method-assign]
+    runtime._run = run_and_push  # type: ignore[method-assign]
     runtime.execute_batch("upper", "g", "nearline", "slot-b")
     assert [h.status() for h in handles] == ["succeeded"] * 4 + ["queued"]
     assert not redis_client.zrange(drainers_key(buffer), 0, -1)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     case,
     column,
+    delete,
     func,
     insert,
     or_,
@@ -109,18 +110,23 @@ class Transitions:
         return claims[0] if claims else None
 
     def claim_many(self, job_ids: Sequence[str], worker: str, lease_s: Mapping[Tier, float], *,
-                   now: datetime | None = None) -> list[Claim]:
+                   now: datetime | None = None, ahead: bool = False) -> list[Claim]:
         """Move queued jobs (or running ones whose lease expired) to running, attempt + 1.
 
         One UPDATE for all of them and one INSERT of their attempt rows (on PostgreSQL both in
         one statement, so one round trip). ``lease_s`` maps each tier to its lease length. Jobs
         not claimable (finished, cancelled, deferred, or held by a live lease) are left out of
         the result, which keeps the order of ``job_ids``.
+
+        ``ahead``: claimed while the slot's current batch still runs, so a job's first start is
+        not now: it is left unset, and the finish records when the run began (the claim's
+        ``started_at``, which the runtime sets then). ``unclaim_many`` undoes such a claim.
         """
         if not job_ids:
             return []
         now = now or utcnow()
-        params: dict[str, Any] = {"c_ids": list(job_ids), "c_now": now, "c_worker": worker}
+        params: dict[str, Any] = {"c_ids": list(job_ids), "c_now": now, "c_worker": worker,
+                                  "c_started": None if ahead else now}
         for tier in Tier:
             params[f"c_lease_{tier.value}"] = now + timedelta(
                 seconds=lease_s.get(tier, max(lease_s.values())))
@@ -151,6 +157,25 @@ class Transitions:
             for row in rows
         }
         return [by_id[job_id] for job_id in job_ids if job_id in by_id]
+
+    def unclaim_many(self, claims: Sequence[Claim]) -> set[str]:
+        """Hand back jobs claimed ahead that will not run here: each goes back to queued with
+        the attempt count it had and its attempt row is deleted, as if it was never claimed
+        (a job the claim took over from a lost worker stays queued). Returns the ids still
+        owned by these claims, i.e. the ones handed back."""
+        if not claims:
+            return set()
+        owned: set[str] = set()
+        with self.engine.begin() as conn:
+            for claim in claims:
+                if conn.execute(_UNCLAIM, {"u_id": claim.job_id,
+                                           "u_attempt": claim.attempt}).rowcount == 1:
+                    owned.add(claim.job_id)
+            handed = [{"d_job": c.job_id, "d_number": c.attempt}
+                      for c in claims if c.job_id in owned]
+            if handed:
+                conn.execute(_DROP_ATTEMPT, handed)
+        return owned
 
     def renew_leases(self, claims: Sequence[Claim], lease_s: float, *,
                      now: datetime | None = None) -> set[str]:
@@ -212,7 +237,7 @@ class Transitions:
                  "a_outcome": d.outcome if d.claim.job_id in owned_ids
                  else _displaced(current.get(d.claim.job_id)),
                  "a_error": d.error, "a_cpu": d.cpu_seconds, "a_wall": d.wall_seconds,
-                 "a_cost": cost}
+                 "a_cost": cost, "a_started": d.claim.started_at}
                 for d, cost in zip(done, costs, strict=True)
             ])
             charges = self.accountant.charge(conn, ids)  # jobs that ended: cost, written once
@@ -306,7 +331,7 @@ _CLAIM = (
         state=JobState.RUNNING, attempts=jobs.c.attempts + 1,
         lease_expires_at=case({t.value: _p(f"c_lease_{t.value}") for t in Tier},
                               value=jobs.c.tier, else_=_p("c_lease_offline")),
-        started_at=func.coalesce(jobs.c.started_at, _p("c_now")),
+        started_at=func.coalesce(jobs.c.started_at, _p("c_started")),
     )
     .returning(
         jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload,
@@ -334,7 +359,7 @@ WITH claimed AS (
     lease_expires_at = CASE tier
       {" ".join(f"WHEN '{t.value}' THEN :c_lease_{t.value}" for t in Tier)}
       ELSE :c_lease_offline END,
-    started_at = coalesce(started_at, :c_now)
+    started_at = coalesce(started_at, :c_started)
   WHERE id = ANY(:c_ids) AND attempts - preemptions < max_attempts
     AND CASE state WHEN '{JobState.QUEUED}' THEN true
                    WHEN '{JobState.RUNNING}' THEN lease_expires_at < :c_now ELSE false END
@@ -351,7 +376,8 @@ WITH claimed AS (
 )
 SELECT claimed.*, claimed.id IN (SELECT job_id FROM lost) AS took_over FROM claimed
 """).bindparams(
-    bindparam("c_now", type_=_T), bindparam("c_lost", value=LEASE_LOST),
+    bindparam("c_now", type_=_T), bindparam("c_started", type_=_T),
+    bindparam("c_lost", value=LEASE_LOST),
     *(bindparam(f"c_lease_{t.value}", type_=_T) for t in Tier),
 ).columns(
     jobs.c.id, jobs.c.kind, jobs.c.tenant, jobs.c.tier, jobs.c.payload, jobs.c.attempts,
@@ -359,6 +385,15 @@ SELECT claimed.*, claimed.id IN (SELECT job_id FROM lost) AS took_over FROM clai
     jobs.c.parent_id, jobs.c.items_done, jobs.c.preemptions, jobs.c.window,
     column("took_over", Boolean),
 )
+_UNCLAIM = (
+    update(jobs)
+    .where(and_(jobs.c.id == bindparam("u_id"), jobs.c.state == JobState.RUNNING,
+                jobs.c.attempts == bindparam("u_attempt")))
+    .values(state=JobState.QUEUED, attempts=jobs.c.attempts - 1, lease_expires_at=None)
+)
+_DROP_ATTEMPT = delete(attempts).where(and_(
+    attempts.c.job_id == bindparam("d_job"), attempts.c.number == bindparam("d_number"),
+    attempts.c.outcome == Outcome.RUNNING))
 _RENEW = (
     update(jobs)
     .where(and_(jobs.c.id == bindparam("r_id"), jobs.c.state == JobState.RUNNING,
@@ -373,7 +408,8 @@ _CLOSE_ATTEMPT = (
     update(attempts)
     .where(and_(attempts.c.job_id == bindparam("a_job"),
                 attempts.c.number == bindparam("a_number")))
-    .values(outcome=bindparam("a_outcome"), finished_at=_p("a_now"), error=bindparam("a_error"),
+    .values(outcome=bindparam("a_outcome"), started_at=_p("a_started"),
+            finished_at=_p("a_now"), error=bindparam("a_error"),
             cpu_seconds=bindparam("a_cpu"), wall_seconds=bindparam("a_wall"),
             cost=bindparam("a_cost"))
 )
@@ -385,6 +421,7 @@ _SPENT = {
     "cpu_seconds": jobs.c.cpu_seconds + bindparam("f_cpu"),
     "wall_seconds": jobs.c.wall_seconds + bindparam("f_wall"),
     "queue_seconds": func.coalesce(jobs.c.queue_seconds, 0.0) + bindparam("f_waited"),
+    "started_at": func.coalesce(jobs.c.started_at, _p("f_started")),
 }
 _RETRY = update(jobs).where(_OWNED).values(
     **_SPENT, state=JobState.QUEUED, queued_at=_p("f_requeue_at"))
@@ -406,7 +443,7 @@ _ENDED_ARRAYS = {
     "id": "text", "attempt": "int", "state": "text", "outcome": "text", "error": "text",
     "cpu": "float8", "wall": "float8", "waited": "float8", "ref": "text",
     "items": "int", "batch": "text", "batch_size": "int", "done": "int",
-    "base": "numeric", "item_cost": "numeric", "model": "text",
+    "base": "numeric", "item_cost": "numeric", "model": "text", "started": "timestamptz",
 }
 
 
@@ -433,6 +470,7 @@ WITH input AS (
   UPDATE jobs SET state = i.state, lease_expires_at = NULL, error = i.error,
     cpu_seconds = jobs.cpu_seconds + i.cpu, wall_seconds = jobs.wall_seconds + i.wall,
     queue_seconds = coalesce(jobs.queue_seconds, 0) + i.waited, finished_at = :f_now,
+    started_at = coalesce(jobs.started_at, i.started),
     result = i.result, result_ref = i.ref, items = i.items, batch_id = i.batch,
     batch_size = i.batch_size, items_done = i.done, model = i.model,
     cost = {_ATTEMPT_COST} + i.item_cost
@@ -448,8 +486,8 @@ WITH input AS (
       WHEN (SELECT state FROM jobs WHERE id = i.id) = '{JobState.CANCELLED}'
         THEN '{Outcome.CANCELLED}'
       ELSE '{Outcome.LOST}' END,
-    finished_at = :f_now, error = i.error, cpu_seconds = i.cpu, wall_seconds = i.wall,
-    cost = {_ATTEMPT_COST}
+    started_at = i.started, finished_at = :f_now, error = i.error, cpu_seconds = i.cpu,
+    wall_seconds = i.wall, cost = {_ATTEMPT_COST}
   FROM input i
   WHERE attempts.job_id = ANY(CAST(:a_id AS text[])) AND attempts.job_id = i.id
     AND attempts.number = i.attempt
@@ -491,7 +529,8 @@ def _finish_params(d: Finish) -> dict[str, Any]:
     if d.claim.queued_at is not None:
         waited = max((d.claim.started_at - d.claim.queued_at).total_seconds(), 0.0)
     return {"f_id": d.claim.job_id, "f_attempt": d.claim.attempt, "f_error": d.error,
-            "f_cpu": d.cpu_seconds, "f_wall": d.wall_seconds, "f_waited": waited}
+            "f_cpu": d.cpu_seconds, "f_wall": d.wall_seconds, "f_waited": waited,
+            "f_started": d.claim.started_at}
 
 
 def _ended_params(d: Finish) -> dict[str, Any]:
