@@ -211,6 +211,12 @@ def test_a_draining_slot_hands_back_for_higher_tiers_other_buffers_and_in_place_
     assert len(runtime.execute_batch("upper", "g", "nearline", "m6")) == 4
 
 
+def _claim_ahead_off(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drained batches are claimed by the slot itself, after the previous one ran."""
+    monkeypatch.setattr(runtime, "settings", runtime.settings.model_copy(
+        update={"claim_ahead": False}))
+
+
 def _job_rows(client: Client, ids: list[str]) -> dict[str, object]:
     with client.services.engine.connect() as conn:
         return {row.id: row for row in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))}
@@ -296,8 +302,7 @@ def test_a_batch_claimed_ahead_is_handed_back_when_higher_tier_work_arrives(
 
 def test_claiming_ahead_can_be_switched_off(client: Client, runtime: Runtime,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "settings", runtime.settings.model_copy(
-        update={"claim_ahead": False}))
+    _claim_ahead_off(runtime, monkeypatch)
     handles = [client.submit("upper", {"texts": [f"a{i}"]}) for i in range(8)]
     second = [h.id for h in handles[4:]]
     states_during: list[set[str]] = []
@@ -562,6 +567,7 @@ def _record_store_calls(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *,
 def test_a_batch_written_behind_starts_after_the_slot_claimed_its_next_batch(
     client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _claim_ahead_off(runtime, monkeypatch)  # the slot claims: the gate waits for it
     calls = _record_store_calls(runtime, monkeypatch)
     handles = [client.submit("upper", {"texts": [f"g{i}"]}) for i in range(8)]
     runtime.execute_batch("upper", "g", "nearline", "m1")
@@ -573,6 +579,7 @@ def test_a_batch_written_behind_starts_after_the_slot_claimed_its_next_batch(
 def test_a_batch_written_behind_waits_for_the_next_claim_only_so_long(
     client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _claim_ahead_off(runtime, monkeypatch)  # the slot claims: the gate waits for it
     calls = _record_store_calls(runtime, monkeypatch, claim_delay_s=0.5)
     handles = [client.submit("upper", {"texts": [f"s{i}"]}) for i in range(8)]
     runtime.execute_batch("upper", "g", "nearline", "m1")

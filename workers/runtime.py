@@ -293,8 +293,7 @@ class Runtime:
         if self.settings.policy(tier).drain_budget_s - (time.monotonic() - start) <= eta_s:
             return None
         processing = processing_key(f"{message_id}:{n}")
-        lower = self._below.get(tier) or self._below.setdefault(
-            tier, TierWork.below(tier, self.tiers))
+        lower = self._lower(tier)
         taken = self.buffers.drain_take(tier=tier, kind=kind, key=key, processing=processing,
                                         max_batch=size, delay_ms=delay_ms, drainer=message_id,
                                         pace=self._pace.get(kind), ahead_s=eta_s,
@@ -304,13 +303,7 @@ class Runtime:
         self._retrigger(taken.retrigger_in_s, tier, kind, key)
         if not taken.items:  # not due yet, empty, or another buffer's turn: decided later
             return None
-        ids = [job_id for job_id, _ in taken.items]
-        claims = self.services.store.claim_many(ids, self.worker, self._leases, ahead=True)
-        claimed = {c.job_id for c in claims}
-        for job_id in ids:
-            if job_id not in claimed:
-                self._not_claimable(job_id)
-        return processing, taken, claims
+        return processing, taken, self._claim([job_id for job_id, _ in taken.items], ahead=True)
 
     def _hand_back(self, tier: Tier, kind: str, key: str, got: Ahead | None) -> None:
         """A batch claimed ahead will not run here: its jobs go back to queued (as if never
@@ -358,8 +351,7 @@ class Runtime:
             if delay_ms <= BATCH_LINGER_MAX_DELAY_MS:
                 linger = min(BATCH_LINGER_S, left) if linger_until is None \
                     else min(linger_until - time.monotonic(), left)
-            lower = self._below.get(tier) or self._below.setdefault(
-                tier, TierWork.below(tier, self.tiers))
+            lower = self._lower(tier)
             taken = self.buffers.drain_take(tier=tier, kind=kind, key=key,
                                             processing=processing, max_batch=size,
                                             delay_ms=delay_ms, drainer=message_id,
@@ -385,6 +377,13 @@ class Runtime:
                 return True
             return processing, taken
         return False
+
+    def _lower(self, tier: Tier) -> TierWork:
+        """Where work of the served tiers under ``tier`` waits (made once per tier)."""
+        lower = self._below.get(tier)
+        if lower is None:
+            lower = self._below[tier] = TierWork.below(tier, self.tiers)
+        return lower
 
     def _writer(self) -> ThreadPoolExecutor:
         """The process's write-behind thread (made on first use, after the pool's fork)."""
@@ -427,10 +426,14 @@ class Runtime:
         claims = self._claim(ids)
         return self._run(claims) if claims else Outcomes()
 
-    def _claim(self, ids: list[str]) -> list[Claim]:
-        """Claim taken jobs (those not claimable are dealt with); the claims, in order."""
-        claims = self.services.store.claim_many(ids, self.worker, self._leases)
-        self._writer_gate.set()  # the model call is next: the write-behind finish may start
+    def _claim(self, ids: list[str], *, ahead: bool = False) -> list[Claim]:
+        """Claim taken jobs (those not claimable are dealt with); the claims, in order.
+
+        ``ahead``: on the claim-ahead thread, for the batch after the one running.
+        """
+        claims = self.services.store.claim_many(ids, self.worker, self._leases, ahead=ahead)
+        if not ahead:  # the model call is next: the write-behind finish may start
+            self._writer_gate.set()
         claimed = {c.job_id for c in claims}
         for job_id in ids:
             if job_id not in claimed:
