@@ -60,6 +60,11 @@ class TierPolicy(BaseModel):
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
     preempt_min_slice_s: float = Field(default=1.0, ge=0)
+    #: a bulk chunk of this tier looks for higher-tier work between mini-batches, and sizes
+    #: them from the kind's measured wall time per item to take about this long each (at
+    #: most the kind's segment size): the longest a higher tier waits for a chunk to look up,
+    #: on a fast machine or a slow one. 0: always the segment size
+    preempt_check_ms: float = Field(default=60.0, ge=0)
     #: how long one batch trigger's task keeps taking its buffer's batches before it hands
     #: its slot back to Celery: what a plain job of the tier can wait behind a draining slot,
     #: against one broker round trip and task start per budget

@@ -104,3 +104,36 @@ tally = kind(
     batch=BatchPolicy(max_batch_size=4, max_queue_delay_ms=100, key=lambda p: p.path,
                       bulk_field="items", chunk_size=100, segment_size=2),
 )(_tally)
+
+
+class PacePayload(BaseModel):
+    """Items that each take ``per_item_s``; every call appends how many items it got."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[str]
+    path: str
+    per_item_s: float = 0.0
+
+
+def _pace(payloads: list[PacePayload], ctx: JobContext) -> list[Any]:
+    out: list[Any] = []
+    for p in payloads:
+        time.sleep(p.per_item_s * len(p.items))
+        with Path(p.path).open("a") as f:
+            f.write(f"{len(p.items)}\n")
+        out.append(list(p.items))
+    return out
+
+
+# A chunked kind with no segment size of its own: its mini-batches are sized by time.
+pace = kind(
+    "pace", schema=PacePayload, tier="offline",
+    batch=BatchPolicy(key=lambda p: p.path, bulk_field="items", chunk_size=100),
+)(_pace)
+
+# The same with a fixed segment size (as ``index`` has, which commits per mini-batch).
+pace_fixed = kind(
+    "pace_fixed", schema=PacePayload, tier="offline",
+    batch=BatchPolicy(key=lambda p: p.path, bulk_field="items", chunk_size=100, segment_size=4),
+)(_pace)

@@ -247,3 +247,86 @@ def test_a_due_interactive_batch_whose_trigger_is_out_of_reach_is_taken_from_its
     # The held trigger runs later and finds nothing left to do.
     assert runtime.execute_batch("upper", "g", "interactive", "the-held-trigger") == {}
     assert handle.job().attempts == 1
+
+
+# --- mini-batches sized by time --------------------------------------------------------------
+
+
+def _paced_runtime(settings: Settings, check_ms: float, model_batch: int = 8) -> Runtime:
+    tiers = dict(settings.tiers)
+    tiers[Tier.OFFLINE] = tiers[Tier.OFFLINE].model_copy(update={"preempt_check_ms": check_ms})
+    return Runtime(Services.open(settings.model_copy(
+        update={"tiers": tiers, "model_batch": model_batch})), worker="pace-test")
+
+
+def _call_sizes(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()]
+
+
+def test_a_slow_kinds_mini_batches_shrink_to_the_tiers_check_interval(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    # 30 ms an item against a 105 ms check interval: after the first mini-batch (one model
+    # batch, 8 items, before anything was measured) the chunk looks up every 3 items.
+    rt = _paced_runtime(settings, check_ms=105)
+    try:
+        sizes = tmp_path / "sizes"
+        bulk = client.submit_bulk("pace", [f"s{i}" for i in range(20)],
+                                  params={"path": str(sizes), "per_item_s": 0.03})
+        [chunk] = client.chunks(bulk.id)
+        assert rt.execute(chunk.id) == "succeeded"
+        assert _call_sizes(sizes) == [8, 3, 3, 3, 3]
+        assert list(client.bulk_results(bulk.id, timeout=1)) == [f"s{i}" for i in range(20)]
+        # The process remembers the kind's pace: its next chunk starts small.
+        sizes.unlink()
+        again = client.submit_bulk("pace", [f"t{i}" for i in range(7)],
+                                   params={"path": str(sizes), "per_item_s": 0.03})
+        [chunk] = client.chunks(again.id)
+        assert rt.execute(chunk.id) == "succeeded"
+        assert _call_sizes(sizes) == [3, 3, 1]
+    finally:
+        rt.close()
+
+
+def test_a_slow_chunk_yields_after_its_first_short_mini_batch(
+    client: Client, eager: Settings, tmp_path: Path
+) -> None:
+    tiers = dict(eager.tiers)
+    tiers[Tier.OFFLINE] = tiers[Tier.OFFLINE].model_copy(update={"preempt_check_ms": 55})
+    rt = Runtime(Services.open(eager.model_copy(update={"tiers": tiers, "model_batch": 16})),
+                 worker="pace-yield")
+    try:
+        sizes = tmp_path / "sizes"
+        warm = client.submit_bulk("pace", ["w"] * 16, params={"path": str(sizes),
+                                                              "per_item_s": 0.02})
+        assert rt.execute(client.chunks(warm.id)[0].id) == "succeeded"
+        sizes.unlink()
+        bulk = client.submit_bulk("pace", [f"y{i}" for i in range(40)],
+                                  params={"path": str(sizes), "per_item_s": 0.02})
+        [chunk] = client.chunks(bulk.id)
+        client.submit("burn", {"ms": 1}, tier="nearline")  # waits above
+        assert rt.execute(chunk.id) == "queued"
+        # 2 items (55 ms / 20 ms), not a whole model batch of 16 (320 ms), before it yields.
+        assert _call_sizes(sizes) == [2]
+        assert client.get(chunk.id).items_done == 2
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize(("kind", "check_ms", "expected"), [
+    ("pace", 0, [8, 8, 4]),  # pacing off: every mini-batch is one model batch
+    ("pace_fixed", 105, [4, 4, 4, 4, 4]),  # a kind's own segment size is kept
+])
+def test_mini_batches_keep_a_fixed_size_when_pacing_does_not_apply(
+    client: Client, settings: Settings, tmp_path: Path, kind: str, check_ms: float,
+    expected: list[int]
+) -> None:
+    rt = _paced_runtime(settings, check_ms=check_ms)
+    try:
+        sizes = tmp_path / "sizes"
+        bulk = client.submit_bulk(kind, [f"f{i}" for i in range(20)],
+                                  params={"path": str(sizes), "per_item_s": 0.03})
+        assert rt.execute(client.chunks(bulk.id)[0].id) == "succeeded"
+        assert _call_sizes(sizes) == expected
+    finally:
+        rt.close()

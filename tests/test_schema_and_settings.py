@@ -78,6 +78,7 @@ def test_tier_policy_overrides_and_round_trip_through_the_environment(tmp_path: 
         ({"ORCH_TIER_OFFLINE_PRIORITY": "2"}, "offline priority 2 must be above"),
         ({"ORCH_TIER_OFFLINE_LEASE_S": "-1"}, "lease_s"),
         ({"ORCH_TIER_NEARLINE_DRAIN_BUDGET_S": "0"}, "drain_budget_s"),
+        ({"ORCH_TIER_OFFLINE_PREEMPT_CHECK_MS": "-5"}, "preempt_check_ms"),
         ({"ORCH_TIER_BATCH_LEASE_S": "1"}, "unknown setting"),
         ({"ORCH_VISIBILITY_TIMEOUT_S": "soon"}, "visibility_timeout_s"),
     ],

@@ -13,6 +13,10 @@ only the CPU it used; a preemption does not use up a retry.
 A chunk that belongs to an off-peak window also checks, between mini-batches, that the window
 is still open (``window_open``); once it has closed, the chunk checkpoints the same way and goes
 back to ``deferred``, to resume at the checkpoint in the window's next opening.
+
+Mini-batches are sized by time (``Pacer``): a kind's measured wall time per item says how many
+fit the tier's ``preempt_check_ms``, so the wait of higher-tier work for the next check is
+bounded in milliseconds, not in items whose cost depends on the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +33,29 @@ from workers.execution import Outcomes
 from workers.preemption import HigherTierCheck, InPlaceServer
 
 
+class Pacer:
+    """Sizes chunks' mini-batches from each kind's last measured wall seconds per item.
+
+    A kind not yet measured in this process starts at its full segment size (one model call);
+    from then on a mini-batch takes ``step_s / seconds per item`` items, between 1 and the
+    segment size, so it lasts about ``step_s``. The estimate follows the machine: a slower
+    model call (a slower CPU, or the cores shared with other work) makes the next one smaller.
+    """
+
+    def __init__(self) -> None:
+        self._per_item: dict[str, float] = {}
+
+    def size(self, kind: str, most: int, step_s: float) -> int:
+        per_item = self._per_item.get(kind)
+        if step_s <= 0 or not per_item:
+            return most
+        return max(1, min(most, int(step_s / per_item)))
+
+    def ran(self, kind: str, items: int, seconds: float) -> None:
+        if items > 0 and seconds > 0:
+            self._per_item[kind] = seconds / items
+
+
 def _join(pieces: list[Any]) -> Any:
     import numpy as np
 
@@ -40,8 +67,13 @@ def _join(pieces: list[Any]) -> Any:
 def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
               policy: TierPolicy, segment: int, check: HigherTierCheck, results: ResultStore,
               outcomes: Outcomes, window_open: Callable[[], bool] | None = None,
-              in_place: InPlaceServer | None = None) -> None:
-    """Run a chunk from its checkpoint; record success, failure or preemption in ``outcomes``."""
+              in_place: InPlaceServer | None = None, pacer: Pacer | None = None,
+              step_s: float = 0.0) -> None:
+    """Run a chunk from its checkpoint; record success, failure or preemption in ``outcomes``.
+
+    Mini-batches hold ``segment`` items, or with ``step_s`` as many as ``pacer`` says take
+    about that long (at most ``segment``).
+    """
     assert spec.batch is not None and spec.batch.bulk_field is not None
     assert claim.parent_id is not None
     field = spec.batch.bulk_field
@@ -54,6 +86,7 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
     pieces: list[Any] = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
     lent = [0.0, 0.0]  # cpu and wall seconds spent on higher-tier work run in place
+    pacer = pacer or Pacer()
 
     def spent() -> tuple[float, float]:
         return (time.process_time() - cpu0 - lent[0],
@@ -78,8 +111,10 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
 
     try:
         while done < len(items):
-            end = min(done + segment, len(items))
+            end = min(done + pacer.size(spec.name, segment, step_s), len(items))
+            called = time.perf_counter()
             (piece,) = spec.fn([model.model_copy(update={field: items[done:end]})], ctx)
+            pacer.ran(spec.name, end - done, time.perf_counter() - called)
             if isinstance(piece, BaseException):
                 raise piece
             pieces.append(piece)

@@ -51,7 +51,7 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier, TierPolicy
 from orchestrator.transport import mark_sent
-from workers.chunks import run_chunk
+from workers.chunks import Pacer, run_chunk
 from workers.execution import BACKGROUND_CPU, LeaseKeeper, Outcomes, call_kind, context
 from workers.preemption import HigherTierCheck, InPlaceServer, TierWork
 from workers.windowing import WindowGate
@@ -88,6 +88,8 @@ class Runtime:
         self.buffers = Buffers(services.redis, services.celery,
                                processing_ttl_s=self.settings.visibility_timeout_s)
         self.results = ResultStore(self.settings.state_dir / "results")
+        #: this process's wall seconds per item of each chunked kind: sizes mini-batches
+        self.pacer = Pacer()
         self.fair = FairDispatcher(services.redis, services.celery,
                                    window=self.settings.fair_window)
         self.resources: dict[str, Any] = {}
@@ -525,7 +527,8 @@ class Runtime:
                               check=HigherTierCheck(self.services.redis, Tier(claim.tier),
                                                     enabled=self.settings.preemption,
                                                     served=self.tiers),
-                              in_place=self.in_place,
+                              in_place=self.in_place, pacer=self.pacer,
+                              step_s=self._step_s(spec, policy),
                               results=self.results, outcomes=outcomes,
                               window_open=self.windows.open_check(claim.window)
                               if claim.window else None)
@@ -542,6 +545,14 @@ class Runtime:
     def _is_chunk(spec: KindSpec, claim: Claim) -> bool:
         return (claim.parent_id is not None and spec.batch is not None
                 and spec.batch.bulk_field is not None)
+
+    @staticmethod
+    def _step_s(spec: KindSpec, policy: TierPolicy) -> float:
+        """How long a chunk's mini-batch should take: the tier's ``preempt_check_ms``, unless
+        the kind fixed its own ``segment_size`` (e.g. ``index``, which commits per mini-batch)."""
+        if spec.batch is not None and spec.batch.segment_size:
+            return 0.0
+        return policy.preempt_check_ms / 1000
 
     def _segment(self, spec: KindSpec) -> int:
         """Items per mini-batch of a chunk: the preemption points are this far apart."""
