@@ -284,6 +284,12 @@ def test_a_slow_kinds_mini_batches_shrink_to_the_tiers_check_interval(
         [chunk] = client.chunks(again.id)
         assert rt.execute(chunk.id) == "succeeded"
         assert _call_sizes(sizes) == [3, 3, 1]
+        # Another batch key of the kind (another model, say) keeps a pace of its own.
+        fast = tmp_path / "fast"
+        other = client.submit_bulk("pace", [f"u{i}" for i in range(20)],
+                                   params={"path": str(fast), "per_item_s": 0.0})
+        assert rt.execute(client.chunks(other.id)[0].id) == "succeeded"
+        assert _call_sizes(fast) == [8, 8, 4]
     finally:
         rt.close()
 

@@ -36,6 +36,8 @@ from workers.preemption import HigherTierCheck, InPlaceServer
 class Pacer:
     """Sizes chunks' mini-batches from each kind's last measured wall seconds per item.
 
+    Keyed by kind and batch key (``embed:<model>``): two models of one kind keep their own pace.
+
     A kind not yet measured in this process starts at its full segment size (one model call);
     from then on a mini-batch takes ``step_s / seconds per item`` items, between 1 and the
     segment size, so it lasts about ``step_s``. The estimate follows the machine: a slower
@@ -87,6 +89,7 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
     wall0, cpu0 = time.perf_counter(), time.process_time()
     lent = [0.0, 0.0]  # cpu and wall seconds spent on higher-tier work run in place
     pacer = pacer or Pacer()
+    paced = f"{spec.name}:{spec.batch_key(model)}"  # e.g. embed:<model>: each its own pace
 
     def spent() -> tuple[float, float]:
         return (time.process_time() - cpu0 - lent[0],
@@ -111,10 +114,10 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
 
     try:
         while done < len(items):
-            end = min(done + pacer.size(spec.name, segment, step_s), len(items))
+            end = min(done + pacer.size(paced, segment, step_s), len(items))
             called = time.perf_counter()
             (piece,) = spec.fn([model.model_copy(update={field: items[done:end]})], ctx)
-            pacer.ran(spec.name, end - done, time.perf_counter() - called)
+            pacer.ran(paced, end - done, time.perf_counter() - called)
             if isinstance(piece, BaseException):
                 raise piece
             pieces.append(piece)
