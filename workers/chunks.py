@@ -69,12 +69,11 @@ def _join(pieces: list[Any]) -> Any:
 def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
               policy: TierPolicy, segment: int, check: HigherTierCheck, results: ResultStore,
               outcomes: Outcomes, window_open: Callable[[], bool] | None = None,
-              in_place: InPlaceServer | None = None, pacer: Pacer | None = None,
-              step_s: float = 0.0) -> None:
+              pacer: Pacer, step_s: float, in_place: InPlaceServer | None = None) -> None:
     """Run a chunk from its checkpoint; record success, failure or preemption in ``outcomes``.
 
-    Mini-batches hold ``segment`` items, or with ``step_s`` as many as ``pacer`` says take
-    about that long (at most ``segment``).
+    Mini-batches hold ``segment`` items, or with ``step_s`` > 0 as many as ``pacer`` says
+    take about that long (at most ``segment``).
     """
     assert spec.batch is not None and spec.batch.bulk_field is not None
     assert claim.parent_id is not None
@@ -88,7 +87,6 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
     pieces: list[Any] = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
     lent = [0.0, 0.0]  # cpu and wall seconds spent on higher-tier work run in place
-    pacer = pacer or Pacer()
     paced = f"{spec.name}:{spec.batch_key(model)}"  # e.g. embed:<model>: each its own pace
 
     def spent() -> tuple[float, float]:

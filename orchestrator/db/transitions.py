@@ -28,6 +28,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -165,12 +166,10 @@ class Transitions:
         owned by these claims, i.e. the ones handed back."""
         if not claims:
             return set()
-        owned: set[str] = set()
         with self.engine.begin() as conn:
-            for claim in claims:
-                if conn.execute(_UNCLAIM, {"u_id": claim.job_id,
-                                           "u_attempt": claim.attempt}).rowcount == 1:
-                    owned.add(claim.job_id)
+            owned = set(conn.execute(_UNCLAIM.where(
+                tuple_(jobs.c.id, jobs.c.attempts).in_([(c.job_id, c.attempt) for c in claims])
+            )).scalars())
             handed = [{"d_job": c.job_id, "d_number": c.attempt}
                       for c in claims if c.job_id in owned]
             if handed:
@@ -385,11 +384,11 @@ SELECT claimed.*, claimed.id IN (SELECT job_id FROM lost) AS took_over FROM clai
     jobs.c.parent_id, jobs.c.items_done, jobs.c.preemptions, jobs.c.window,
     column("took_over", Boolean),
 )
-_UNCLAIM = (
+_UNCLAIM = (  # narrowed to the (id, attempt) pairs handed back
     update(jobs)
-    .where(and_(jobs.c.id == bindparam("u_id"), jobs.c.state == JobState.RUNNING,
-                jobs.c.attempts == bindparam("u_attempt")))
+    .where(jobs.c.state == JobState.RUNNING)
     .values(state=JobState.QUEUED, attempts=jobs.c.attempts - 1, lease_expires_at=None)
+    .returning(jobs.c.id)
 )
 _DROP_ATTEMPT = delete(attempts).where(and_(
     attempts.c.job_id == bindparam("d_job"), attempts.c.number == bindparam("d_number"),
