@@ -95,7 +95,7 @@ class Timer:
             }
             for label, total in self.totals.items() if label.startswith(prefix)
         }
-        return dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_job"]))
+        return dict(sorted(rows.items(), key=lambda kv: -float(kv[1]["us_per_job"])))
 
 
 def _new_job(i: int) -> NewJob:
@@ -137,8 +137,8 @@ def _hot_methods(store: JobStore) -> list[str]:
 def _execute(services: Services, ids: list[str], timer: Timer) -> float:
     """Run every job through ``Runtime.execute``; return the wall seconds it took."""
     runtime = Runtime(services, worker="bench:in-process")
-    targets = [(services.store, name, f"JobStore.{name}") for name in
-               _hot_methods(services.store)]
+    targets: list[tuple[object, str, str]] = [
+        (services.store, name, f"JobStore.{name}") for name in _hot_methods(services.store)]
     targets.append((services, "signal_done", "Services.signal_done"))
     for obj, name, label in targets:
         setattr(obj, name, timer.wrap(f"execute:{label}", getattr(obj, name)))

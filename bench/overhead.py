@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis import Redis
 from sqlalchemy import Engine, create_engine, func, select, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,7 @@ class CpuSample:
     done: int
 
     @classmethod
-    def take(cls, worker: Worker | None, client: redis.Redis, done: int) -> CpuSample:
+    def take(cls, worker: Worker | None, client: Redis, done: int) -> CpuSample:
         group, postgres = _proc_cpu(worker.proc.pid if worker else None)
         info = client.info("cpu")
         cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -232,6 +233,8 @@ class CelerySide(Side):
 
     def window(self) -> tuple[float, float]:
         first, last = self.bench.redis.mget(vanilla.FIRST_KEY, vanilla.LAST_KEY)
+        if first is None or last is None:
+            raise RuntimeError("the vanilla workers recorded no finished task")
         return float(first), float(last)
 
     def start_worker(self, tag: str) -> Worker:
@@ -278,7 +281,7 @@ class OrchestratorSide(Side):
 
     def verify(self, n: int) -> dict[str, Any]:
         with self.bench.engine.connect() as conn:
-            states = dict(conn.execute(
+            states: dict[str, int] = dict(conn.execute(
                 select(jobs.c.state, func.count()).group_by(jobs.c.state)).all())
             n_attempts = conn.execute(select(func.count()).select_from(attempts)).scalar_one()
         if states != {JobState.SUCCEEDED: n} or n_attempts != n:

@@ -98,9 +98,9 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for c in figures["cascade"]:  # type: ignore[attr-defined]
-        agree = "-" if c["small_agrees_with_large_on_escalated"] is None else \
+        cell = "-" if c["small_agrees_with_large_on_escalated"] is None else \
             f"{c['small_agrees_with_large_on_escalated']:.1%}"
-        lines.append(f"| {c['threshold']} | {c['escalated_share']:.1%} | {agree} | "
+        lines.append(f"| {c['threshold']} | {c['escalated_share']:.1%} | {cell} | "
                      f"{c['accuracy']:.3f} | {c['rows_per_s']:,} |")
     (RESULTS / "scoring.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

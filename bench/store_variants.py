@@ -26,8 +26,9 @@ from sqlalchemy import Engine, and_, bindparam, case, func, insert, or_, select,
 
 from orchestrator.db.models import JobState, Outcome, UTCDateTime, attempts, jobs
 from orchestrator.db.store import JobStore, utcnow
+from orchestrator.tiers import Tier
 
-LEASES = {"interactive": 30.0, "nearline": 60.0, "offline": 120.0}
+LEASES = {Tier.INTERACTIVE: 30.0, Tier.NEARLINE: 60.0, Tier.OFFLINE: 120.0}
 RESULT = {"i": 0}
 Step = Callable[[str], None]
 

@@ -56,9 +56,11 @@ class _Recorder:
             self.open()
         assert self.client is not None
         now = repr(time.time())
-        self.client.pipeline(transaction=False).incr(DONE_KEY).setnx(FIRST_KEY, now).set(
-            LAST_KEY, now
-        ).execute()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(DONE_KEY)
+        pipe.setnx(FIRST_KEY, now)
+        pipe.set(LAST_KEY, now)
+        pipe.execute()
 
 
 def make_app(broker_url: str, *, matched: bool = False) -> Celery:
