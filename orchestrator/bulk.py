@@ -71,8 +71,9 @@ def submit_bulk(
     if spec.batch is None or spec.batch.bulk_field is None:
         raise InvalidOption(f"kind {kind!r} does not take bulk items")
     size = spec.batch.chunk_size if chunk_size is None else chunk_size
-    if not 1 <= size <= MAX_CHUNK:
-        raise InvalidOption(f"chunk_size must be between 1 and {MAX_CHUNK}")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_CHUNK:
+        raise InvalidOption(f"chunk_size must be a whole number between 1 and {MAX_CHUNK}, "
+                            f"got {chunk_size!r}")
     params = dict(params or {})
     field = spec.batch.bulk_field
     if field in params:
@@ -89,7 +90,9 @@ def submit_bulk(
         max_attempts=max_attempts, idempotency_key=idempotency_key, state=JobState.RUNNING,
         window=window,
     )
-    client._admit(tier, tenant, idempotency_key)  # load shedding and quotas, nothing stored yet
+    # Load shedding (not for a job that waits for its window in the database, as for submit)
+    # and quotas; nothing is stored yet.
+    client._admit(tier, tenant, idempotency_key, shed=window is None)
     parent_id, created = store.create(parent)
     if not created:
         return JobHandle(client, parent_id, created=False)

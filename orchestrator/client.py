@@ -47,7 +47,7 @@ from orchestrator.windows import KIND_DEFAULT, NO_WINDOW_NAME, WindowSpec, _Kind
 
 log = logging.getLogger(__name__)
 
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class JobHandle:
@@ -307,8 +307,7 @@ class Client:
             JobFailed, JobCancelled, JobTimeout, JobNotFound: as for ``result``.
         """
         self.result(job_id, timeout=timeout)
-        paths = [c.result_ref for c in self.chunks(job_id) if c.result_ref]
-        return iter_rows(paths)
+        return iter_rows(self.services.store.chunk_results(job_id))
 
     def _withdraw(self, spec: KindSpec, model: BaseModel, tier: Tier, job_id: str,
                   enqueued_at: datetime) -> None:
@@ -421,7 +420,7 @@ def _parse_tier(tier: Tier | str) -> Tier:
 
 
 def _check_tenant(tenant: str) -> None:
-    if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+    if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
         raise InvalidOption(
             f"invalid tenant {tenant!r}: 1-64 characters of letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
@@ -431,8 +430,9 @@ def _check_tenant(tenant: str) -> None:
 def _check_key(key: str | None) -> None:
     if key is None:
         return
-    if not isinstance(key, str) or not key or len(key) > 255:
-        raise InvalidOption("idempotency_key must be a non-empty string of at most 255 chars")
+    if not isinstance(key, str) or not key or len(key) > 255 or "\x00" in key:
+        raise InvalidOption("idempotency_key must be a non-empty string of at most 255 chars, "
+                            "without NUL characters")
 
 
 def _parse_deadline(deadline: datetime | timedelta | float | None) -> datetime | None:
@@ -443,10 +443,14 @@ def _parse_deadline(deadline: datetime | timedelta | float | None) -> datetime |
         if deadline.tzinfo is None:
             raise InvalidOption("deadline must be timezone-aware (e.g. datetime.now(UTC))")
         due = deadline
-    elif isinstance(deadline, timedelta):
-        due = now + deadline
-    elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
-        due = now + timedelta(seconds=float(deadline))
+    elif isinstance(deadline, timedelta | int | float) and not isinstance(deadline, bool):
+        try:
+            delta = deadline if isinstance(deadline, timedelta) \
+                else timedelta(seconds=float(deadline))
+            due = now + delta
+        except (OverflowError, ValueError):  # nan, inf, or past year 9999
+            raise InvalidOption(f"deadline {deadline!r} is not a time this job could start "
+                                "by") from None
     else:
         raise InvalidOption(f"deadline must be a datetime, timedelta or seconds, not {deadline!r}")
     if due <= now:

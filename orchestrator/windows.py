@@ -25,7 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 from orchestrator.errors import InvalidWindow
 from orchestrator.tiers import Tier
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: Reserved: ``--window none`` and a schedule's ``window = "none"`` mean "no window".
 NO_WINDOW_NAME = "none"
 _DURATION_RE = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
@@ -205,7 +205,7 @@ class WindowSpec:
             InvalidWindow: any field is malformed, or the window is neither a cron plus a
                 duration nor a start plus an end.
         """
-        if not isinstance(name, str) or not NAME_RE.match(name) or name == NO_WINDOW_NAME:
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == NO_WINDOW_NAME:
             raise InvalidWindow(
                 f"invalid window name {name!r}: 1-64 letters, digits, '_', '.', '-' "
                 f"(and not {NO_WINDOW_NAME!r}, which means no window)")

@@ -20,9 +20,12 @@ from orchestrator.admission import (
 )
 from orchestrator.broker import queue_key
 from orchestrator.db.models import jobs
+from orchestrator.db.store import utcnow
 from orchestrator.errors import ConfigurationError, Overloaded
 from orchestrator.settings import Settings
 from orchestrator.tiers import DEFAULT_POLICIES, Tier
+from orchestrator.window_catalog import WindowCatalog
+from orchestrator.windows import WindowSpec
 from tests.conftest import WorkerProcess
 from workers.registry import register, unregister
 
@@ -164,6 +167,14 @@ def test_offline_is_accepted_until_its_hard_cap_then_refused_bulk_too(
     _refused(client, redis_client, lambda: client.submit_bulk("upper", items(), chunk_size=2))
     assert consumed == []  # refused before reading a single item
     client.submit("echo", {"n": 0})  # interactive is unaffected
+    # Work deferred to a window waits in the database, not on the queue: not shed, bulk or not
+    # (bulk was shed before).
+    hour = (utcnow().hour + 12) % 24  # closed whenever the test runs
+    WindowCatalog(client.services.engine, client.settings, ttl_s=0).add(
+        WindowSpec.build("later", cron=f"0 {hour} * * *", duration="1h"))
+    assert client.submit("echo", {"n": 6}, tier="offline", window="later").status() == "deferred"
+    bulk = client.submit_bulk("upper", items(), chunk_size=2, window="later")
+    assert {c.state for c in client.chunks(bulk.id)} == {"deferred"} and len(consumed) == 10
 
 
 def test_a_resubmit_with_a_used_idempotency_key_returns_its_job_even_when_overloaded(

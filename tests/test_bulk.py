@@ -73,8 +73,11 @@ def test_a_bad_item_anywhere_refuses_the_bulk_job_and_leaves_nothing(
         assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
     with pytest.raises(InvalidOption, match="does not take bulk items"):
         client.submit_bulk("echo", ["a"])
-    with pytest.raises(InvalidOption, match="chunk_size"):
-        client.submit_bulk("upper", ["a"], chunk_size=0)
+    for size in (0, 2.5, "10", True):  # non-integers were raw TypeError / ValueError
+        with pytest.raises(InvalidOption, match="chunk_size"):
+            client.submit_bulk("upper", ["a"], chunk_size=size)  # type: ignore[arg-type]
+    with client.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
 
 
 def test_bulk_idempotency_key_returns_the_same_job_without_reading_items(

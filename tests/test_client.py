@@ -111,6 +111,18 @@ def test_unknown_kind_and_bad_options_are_typed_errors_that_leave_nothing(
         client.submit("echo", {}, deadline=datetime.now(UTC) - timedelta(seconds=1))
     with pytest.raises(InvalidOption, match="timezone-aware"):
         client.submit("echo", {}, deadline=datetime.now() + timedelta(hours=1))
+    # A trailing newline slipped past a ``$`` anchor: "acme\n" was a second tenant of its own
+    # (outside acme's quotas), and on PostgreSQL a 64-character name plus it a raw DataError.
+    for tenant in ("acme\n", "a" * 64 + "\n"):
+        with pytest.raises(InvalidOption, match="invalid tenant"):
+            client.submit("echo", {}, tenant=tenant)
+    # NUL is refused by PostgreSQL's text type (a raw DataError) but stored by SQLite.
+    with pytest.raises(InvalidOption, match="NUL"):
+        client.submit("echo", {}, idempotency_key="a\x00b")
+    # Deadlines no clock reaches were raw ValueError / OverflowError.
+    for deadline in (float("nan"), float("inf"), 1e12, timedelta.max):
+        with pytest.raises(InvalidOption, match="not a time"):
+            client.submit("echo", {}, deadline=deadline)
     assert _job_rows(client) == 0
     assert _queued_messages(redis_client) == 0
     with client.services.engine.connect() as conn:

@@ -115,7 +115,7 @@ def test_bad_window_definitions_are_refused_with_the_field_named(
 
 
 def test_window_names_are_checked_and_none_is_reserved() -> None:
-    for name in ("none", "", "a b", "x" * 65):
+    for name in ("none", "", "a b", "x" * 65, "nightly\n"):
         with pytest.raises(InvalidWindow, match="name"):
             WindowSpec.build(name, cron="0 1 * * *", duration="1h")
 

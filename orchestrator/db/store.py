@@ -335,6 +335,13 @@ class JobStore(Transitions):
                 select(tenants.c.weight).where(tenants.c.name == tenant)).scalar_one_or_none()
         return int(weight or 1)
 
+    def chunk_results(self, parent_id: str) -> list[str]:
+        """A bulk job's result files, in item order (not its chunks' payloads: the items)."""
+        with self.engine.connect() as conn:
+            return [ref for ref in conn.execute(
+                select(jobs.c.result_ref).where(jobs.c.parent_id == parent_id)
+                .order_by(jobs.c.chunk_index)).scalars() if ref]
+
     def chunks(self, parent_id: str) -> list[JobView]:
         """A bulk job's chunks in item order."""
         with self.engine.connect() as conn:

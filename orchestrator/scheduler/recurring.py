@@ -102,7 +102,7 @@ def build_schedule(name: str, *, cron: str, timezone: str = "UTC", kind: str,
     Raises:
         InvalidSchedule: naming the field that is wrong.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidSchedule(f"invalid schedule name {name!r}: 1-64 letters, digits, '_', "
                               "'.', '-'")
     if isinstance(payload, str):
