@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import PermanentError, TransientError
@@ -41,10 +42,13 @@ class UpperPayload(BaseModel):
 
 
 def _upper(payloads: list[UpperPayload], ctx: JobContext) -> list[Any]:
-    """Upper-case every text. "boom" fails the whole call; "bad" fails only its own job."""
+    """Upper-case every text. "boom" fails the whole call; "bad" fails only its own job;
+    "late" makes a call of more than one job overrun the tier's soft time limit."""
     texts = [t for p in payloads for t in p.texts]
     if "boom" in texts:
         raise TransientError("boom in the batch")
+    if "late" in texts and len(payloads) > 1:
+        raise SoftTimeLimitExceeded()
     ctx.share.weights = [float(sum(len(t) for t in p.texts)) for p in payloads]
     out: list[Any] = []
     for p in payloads:

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import redis
 from sqlalchemy import event, func, select
+from sqlalchemy.exc import OperationalError
 
 from orchestrator import Client, JobFailed
 from orchestrator.batching import (
@@ -93,6 +94,28 @@ def test_one_bad_input_fails_alone_and_its_neighbours_succeed(
     assert runtime.execute(boom.id) == "dead"
     with pytest.raises(JobFailed, match="boom"):
         boom.result(timeout=1)
+
+
+def test_a_soft_time_limit_in_a_batch_call_fails_the_batch_without_rerunning_each_job(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    kinds = runtime.services.kinds
+    spec = kinds.get("upper")
+
+    def counted(payloads, ctx):  # type: ignore[no-untyped-def]
+        calls.append(len(payloads))
+        return spec.fn(payloads, ctx)
+
+    monkeypatch.setitem(kinds._kinds, "upper", replace(spec, fn=counted))
+    handles = [client.submit("upper", {"texts": [t]}) for t in ("a", "late", "b")]
+    runtime.execute_batch("upper", "g", "nearline", "m1")
+    # One call, no job run alone after it (each would have gone on past the soft limit toward
+    # the hard kill); every job is retried, with the tier's time limit as the reason.
+    assert calls == [3]
+    jobs = [h.job() for h in handles]
+    assert [(j.state, j.attempts) for j in jobs] == [("queued", 1)] * 3
+    assert all("time limit of the nearline tier exceeded" in (j.error or "") for j in jobs)
 
 
 def test_batch_cpu_is_shared_by_the_weights_the_kind_sets(
@@ -588,6 +611,30 @@ def test_a_batch_written_behind_waits_for_the_next_claim_only_so_long(
     assert [name for name, _ in calls] == ["claim", "claim", "finish", "finish"]
     second_claim, first_finish = calls[1][1], calls[2][1]
     assert WRITE_BEHIND_GATE_S * 0.8 <= first_finish - second_claim < 0.4
+
+
+def test_a_failed_write_behind_finish_does_not_lose_the_next_batch_it_overlapped(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = runtime.services.store
+    finish_many, calls = store.finish_many, []
+
+    def flaky(done, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(done))
+        if len(calls) == 1:
+            raise OperationalError("UPDATE jobs ...", {}, Exception("deadlock detected"))
+        return finish_many(done, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish_many", flaky)
+    handles = [client.submit("upper", {"texts": [f"w{i}"]}) for i in range(8)]
+    with pytest.raises(OperationalError):
+        runtime.execute_batch("upper", "g", "nearline", "m1")
+    # The first batch's finish failed: its jobs stay running until their leases run out (the
+    # reconciler takes them over). The second batch had run meanwhile: its outcomes are kept
+    # (they were dropped, so its jobs ran again after their leases, or went dead on a last
+    # attempt although they had succeeded).
+    assert [h.status() for h in handles] == ["running"] * 4 + ["succeeded"] * 4
+    assert [h.result(timeout=1) for h in handles[4:]] == [[f"W{i}"] for i in range(4, 8)]
 
 
 @pytest.mark.e2e

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
+
 from orchestrator.db.store import Claim, JobStore
 from orchestrator.errors import PermanentError
 from orchestrator.kinds import BatchShare, JobContext, KindSpec
@@ -180,6 +182,14 @@ def call_kind(spec: KindSpec, runnable: Sequence[tuple[Claim, Any]], worker: str
         else:
             results = [spec.fn(models[0], ctx)]
     except Exception as e:
+        if isinstance(e, SoftTimeLimitExceeded):
+            # The tier's time is up for the whole call: running each job alone would go on past
+            # the soft limit toward the hard kill. Every job of the call fails with it (and is
+            # retried as its kind says).
+            cpu, wall = spent()
+            for claim in claims:
+                outcomes.fail(claim, e, cpu / len(claims), wall / len(claims))
+            return
         if len(runnable) > 1:
             log.info("batch of %d %s jobs failed (%s); running each alone", len(runnable),
                      spec.name, e)

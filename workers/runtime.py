@@ -240,7 +240,8 @@ class Runtime:
                 self._pace.setdefault(kind, Pace()).add(len(taken.items),
                                                         time.monotonic() - began)
                 if writing is not None:
-                    states.update(writing.result())
+                    pending_write, writing = writing, None
+                    states.update(self._written(pending_write, outcomes, processing))
                 self._writer_gate = gate = threading.Event()
                 writing = self._writer().submit(self._finish_gated, gate, outcomes,
                                                 processing)
@@ -271,6 +272,19 @@ class Runtime:
             if writing is not None:
                 states.update(writing.result())
         return states
+
+    def _written(self, writing: Future[dict[str, str]], outcomes: Outcomes,
+                 processing: str) -> dict[str, str]:
+        """The previous batch's write-behind finish, once written. If it failed (its jobs come
+        back when their leases run out), the batch that has run since (``outcomes``) is
+        recorded here before the error stops the drain: it is not run again."""
+        try:
+            return writing.result()
+        except Exception:
+            log.exception("a batch's finish failed; recording the next batch's outcomes and "
+                          "stopping this drain")
+            self._finish_taken(outcomes, processing)
+            raise
 
     def _started(self, claims: list[Claim]) -> list[Claim]:
         """A batch claimed ahead starts now: its claims' start time is this moment."""
