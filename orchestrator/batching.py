@@ -463,8 +463,12 @@ def drain_key(buffer: str) -> str:
     return f"{buffer}:draining"
 
 
+#: every processing list's key starts so (the reconciler looks for abandoned ones)
+PROCESSING_PREFIX = "orch:proc:"
+
+
 def processing_key(message_id: str) -> str:
-    return f"orch:proc:{message_id}"
+    return f"{PROCESSING_PREFIX}{message_id}"
 
 
 def encode_item(job_id: str, enqueued_at: datetime) -> str:

@@ -186,8 +186,9 @@ class SchedulerMetrics:
             "opened.", ["window"], registry=self.registry)
         self.republished = Counter(
             "orch_reconciler_republished", "Jobs the reconciler re-published: reason "
-            "message_gone (queued, broker message lost) or lease_expired (running, worker "
-            "lost).", ["reason"], registry=self.registry)
+            "message_gone (queued, broker message lost), lease_expired (running, worker "
+            "lost) or taken_unclaimed (queued, taken from a buffer, never claimed).", ["reason"],
+            registry=self.registry)
         self.acting = Gauge(
             "orch_scheduler_acting", "1 while this scheduler holds the lease and acts.",
             registry=self.registry)
@@ -197,11 +198,13 @@ class SchedulerMetrics:
             if ids:
                 self.released.labels(window).inc(len(ids))
 
-    def reconciled(self, republished: int, taken_over: int) -> None:
+    def reconciled(self, republished: int, taken_over: int, recovered: int = 0) -> None:
         if republished:
             self.republished.labels("message_gone").inc(republished)
         if taken_over:
             self.republished.labels("lease_expired").inc(taken_over)
+        if recovered:
+            self.republished.labels("taken_unclaimed").inc(recovered)
 
 
 def exposition_registry(multiprocess_dir: Path | None, cluster: ClusterCollector | None

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from orchestrator.client import Client
 from orchestrator.db.deferral import events
@@ -91,6 +92,42 @@ def test_a_running_job_whose_lease_expired_is_republished_once_and_taken_over(
                                             or "")
     assert runtime.execute(handle.id) == "succeeded"
     assert [a.outcome for a in client.attempts(handle.id)] == ["lost", "succeeded"]
+
+
+def test_jobs_taken_from_a_buffer_that_nothing_claimed_are_sent_again(
+    client: Client, reconciler: Reconciler, runtime: Runtime, redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = runtime.services.store
+    claim_many, calls = store.claim_many, []
+
+    def failing_second(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(ids))
+        if len(calls) == 2:  # the drain took its second batch, then its claim failed
+            raise OperationalError("UPDATE jobs ...", {}, Exception("connection reset"))
+        return claim_many(ids, *args, **kwargs)
+
+    monkeypatch.setattr(store, "claim_many", failing_second)
+    handles = [client.submit("upper", {"texts": [f"o{i}"]}) for i in range(8)]
+    with pytest.raises(OperationalError):
+        runtime.execute_batch("upper", "g", "nearline", "m1")
+    monkeypatch.setattr(store, "claim_many", claim_many)
+    stranded = [h.id for h in handles[4:]]
+    assert [h.status() for h in handles] == ["succeeded"] * 4 + ["queued"] * 4
+    # They sat in the second batch's processing list, which no trigger looks for again, with
+    # transport entries that looked current: nothing would ever have run them.
+    assert redis_client.llen("orch:buf:nearline:upper:g") == 0
+    late = Reconciler(client.services, Transport(client.services), grace_s=3600)
+    assert late.check().recovered == []  # taken just now: within the grace
+    report = reconciler.check(utcnow() + timedelta(seconds=1))
+    assert report.republished == []  # their transport entries look current
+    assert sorted(report.recovered) == sorted(stranded)
+    assert reconciler.check(utcnow() + timedelta(seconds=1)).recovered == []  # once
+    assert redis_client.keys("orch:proc:*") == []
+    assert "never claimed" in (events(client.services.engine, stranded[0])[0][2] or "")
+    assert runtime.execute_batch("upper", "g", "nearline", "m2") == {
+        job_id: "succeeded" for job_id in stranded}
+    assert [h.result(timeout=1) for h in handles] == [[f"O{i}"] for i in range(8)]
 
 
 @pytest.fixture

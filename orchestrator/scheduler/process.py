@@ -150,7 +150,8 @@ class SchedulerProcess:
     def _reconcile(self) -> None:
         report = self.reconciler.check()
         if self.metrics is not None:
-            self.metrics.reconciled(len(report.republished), len(report.taken_over))
+            self.metrics.reconciled(len(report.republished), len(report.taken_over),
+                                    len(report.recovered))
 
     def _guard(self, fn: Callable[[], object]) -> Callable[[], None]:
         """Run a periodic task only under a fresh lease; log (do not raise) its failures."""

@@ -20,6 +20,12 @@ at most once per check, recording why in ``job_events``:
 - **batch buffers nothing will take**: jobs in a buffer with no trigger pending and no worker
   draining it (a worker died while draining a plain kind's buffer, and the jobs pushed while
   its flag lasted published no trigger). Each such buffer gets a trigger.
+- **jobs taken from a buffer that nothing claimed**: a slot moves a batch into a processing
+  list (``orch:proc:*``) and claims it at once; a process killed in between, or a claim that
+  failed, leaves queued jobs there whose transport entry still looks current and which no
+  trigger will look for again (only a trigger's first batch is found by its redelivery, hours
+  later). Jobs still queued in a list taken longer than the grace ago are sent again and
+  removed from it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from orchestrator.batching import Buffers
+from orchestrator.batching import PROCESSING_PREFIX, Buffers, decode_item
 from orchestrator.broker import TAKEOVER_KEY, TRANSPORT_KEY
 from orchestrator.db.deferral import (
     abandoned_streams,
@@ -55,6 +61,7 @@ class Report:
     taken_over: list[str] = field(default_factory=list)
     given_up: list[str] = field(default_factory=list)  # bulk jobs whose stream stopped
     triggered: list[str] = field(default_factory=list)  # buffers
+    recovered: list[str] = field(default_factory=list)  # taken from a buffer, never claimed
 
 
 def _stale(client_values: Sequence[bytes | str | None], rows: Sequence[tuple[str, int]]
@@ -105,6 +112,7 @@ class Reconciler:
                  f"{j.lease_expires_at.isoformat() if j.lease_expires_at else '?'}; "
                  "re-published for takeover") for j in running
                 if j.id in set(report.taken_over)], now=now)
+        report.recovered = self._recover_taken(now)
         settings = self.services.settings
         report.given_up = self._give_up_streams(now, settings.bulk_stream_timeout_s)
         report.triggered = self.buffers.sweep(
@@ -113,11 +121,45 @@ class Reconciler:
         if report.triggered:
             log.warning("reconciler: triggered %d batch buffer(s) that nothing would take: %s",
                         len(report.triggered), ", ".join(report.triggered))
+        if report.recovered:
+            log.warning("reconciler: re-sent %d queued job(s) taken from a buffer by a worker "
+                        "that never claimed them", len(report.recovered))
         if report.republished or report.taken_over:
             log.warning("reconciler: re-published %d queued job(s) whose message was gone and "
                         "%d running job(s) whose lease expired", len(report.republished),
                         len(report.taken_over))
         return report
+
+    def _recover_taken(self, now: datetime) -> list[str]:
+        """Queued jobs left in processing lists taken more than the grace ago: sent again (then
+        removed from the list, so a crash in between sends them twice at worst, which the
+        claim's compare-and-set makes harmless)."""
+        client = self.services.redis
+        ttl_ms = self.buffers.processing_ttl_s * 1000
+        grace_ms = self.grace.total_seconds() * 1000
+        found: dict[str, tuple[str, str]] = {}  # job id -> (processing list, its item)
+        for raw_key in client.scan_iter(match=f"{PROCESSING_PREFIX}*", count=1000):
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+            left = int(client.pttl(key))  # lists expire processing_ttl_s after their take
+            if left < 0 or ttl_ms - left < grace_ms:
+                continue
+            for raw in client.lrange(key, 0, -1):
+                item = raw.decode() if isinstance(raw, bytes) else str(raw)
+                found[decode_item(item)[0]] = (key, item)
+        if not found:
+            return []
+        before = now - self.grace
+        views = self.services.store.get_many(list(found))
+        queued = [v for v in views.values() if v.state == JobState.QUEUED
+                  and (v.queued_at is None or v.queued_at < before)]
+        sent = self.transport.send(queued)
+        for job_id in sent:
+            key, item = found[job_id]
+            client.lrem(key, 0, item)
+        record_events(self.services.engine, [
+            (job_id, "republished", f"taken from its buffer into {found[job_id][0]} "
+             "by a worker that never claimed it; re-sent") for job_id in sent], now=now)
+        return sent
 
     def _give_up_streams(self, now: datetime, timeout_s: float) -> list[str]:
         before = now - timedelta(seconds=timeout_s)
