@@ -14,6 +14,7 @@ place while it waits to resume.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import redis
@@ -21,6 +22,8 @@ from celery import Celery
 
 from orchestrator.broker import TRANSPORT_KEY, publish
 from orchestrator.tiers import Tier, TierPolicy
+
+log = logging.getLogger(__name__)
 
 # ARGV: key prefix, window size, chunk id to release ("" for none).
 # Returns the chunk ids to publish now, in order.
@@ -89,9 +92,28 @@ class FairDispatcher:
         """Free ``released``'s place (if any) and publish chunks until the window is full."""
         chunks = [c.decode() if isinstance(c, bytes) else c for c in self._dispatch(
             keys=[], args=[prefix(tier), self.window, released or ""])]
-        for chunk_id in chunks:
-            publish(self.celery, chunk_id, tier, policy.priority, time_limit=policy.time_limit_s)
+        for i, chunk_id in enumerate(chunks):
+            try:
+                publish(self.celery, chunk_id, tier, policy.priority,
+                        time_limit=policy.time_limit_s)
+            except Exception:
+                self._unplace(tier, chunks[i:])
+                raise
         return chunks
+
+    def _unplace(self, tier: Tier, chunk_ids: Sequence[str]) -> None:
+        """Chunks given a place in the window whose publish failed: nothing would deliver
+        them, so nothing would free their places, and the tier's bulk work would be held up
+        for good. Their places are freed and their transport entries dropped, so that the
+        reconciler sends any that are still queued again (a cancelled bulk job's are not)."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.srem(f"{prefix(tier)}:window", *chunk_ids)
+            pipe.hdel(TRANSPORT_KEY, *chunk_ids)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("could not free the fair-window places of %d unpublished chunk(s) of "
+                        "the %s tier", len(chunk_ids), tier.value, exc_info=True)
 
     def in_window(self, tier: Tier) -> int:
         return int(self.redis.scard(f"{prefix(tier)}:window"))

@@ -97,3 +97,34 @@ def test_a_small_tenant_is_not_starved_by_a_big_bulk_job(
         assert len(small_turns) == 2 and small_turns[1] - small_turns[0] == 2
         assert small_turns[1] <= 4
         assert small.status() == "succeeded" and big.status() == "succeeded"
+
+
+def test_chunks_whose_publish_failed_give_their_window_places_back(
+    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.exceptions import OperationalError
+
+    import orchestrator.fairness as fairness
+    from orchestrator.broker import TRANSPORT_KEY
+    from orchestrator.errors import ServiceUnavailable
+
+    publish, published = fairness.publish, []
+
+    def blip(celery, job_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if published:  # the broker fails after the first chunk went out
+            raise OperationalError("simulated broker blip")
+        published.append(job_id)
+        return publish(celery, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(fairness, "publish", blip)
+    with pytest.raises(ServiceUnavailable, match="cancelled"):
+        client.submit_bulk("upper", [f"t{i}" for i in range(10)], tenant="t", chunk_size=2)
+    monkeypatch.setattr(fairness, "publish", publish)
+    # Only the chunk that went out keeps its place (its delivery frees it): the three others'
+    # places were held for good, so every later bulk job of the tier waited in its list.
+    window = {m.decode() for m in redis_client.smembers("orch:fair:offline:window")}
+    assert window == set(published)
+    later = client.submit_bulk("upper", ["u0", "u1", "u2", "u3"], tenant="t2", chunk_size=2)
+    assert redis_client.llen("orch:fair:offline:q:t2") == 0
+    assert window < {m.decode() for m in redis_client.smembers("orch:fair:offline:window")}
+    assert all(redis_client.hexists(TRANSPORT_KEY, c.id) for c in client.chunks(later.id))

@@ -134,6 +134,35 @@ def test_a_resume_that_cannot_see_its_checkpoint_redoes_the_chunk_instead_of_los
     assert bulk.job().items_done == 35
 
 
+def test_a_chunk_redone_from_0_does_not_stop_before_its_old_checkpoint(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan: list[bool] = []  # answers of the checks between mini-batches: higher work waits?
+    monkeypatch.setattr(HigherTierCheck, "waiting_by_tier",
+                        lambda self: {Tier.NEARLINE: 1} if plan and plan.pop(0) else {})
+    items = [f"r{i}" for i in range(70)]
+    bulk = client.submit_bulk("upper", items, chunk_size=35)
+    a, b = client.chunks(bulk.id)
+    plan[:] = [False, False, True]
+    assert runtime.execute(a.id) == "queued"  # yields at item 30
+    assert (client.get(a.id).items_done, bulk.job().items_done) == (30, 30)
+    for part in Path(bulk.job().result_ref or "").glob("*.part-*"):
+        part.unlink()  # the next worker cannot see the checkpoint: it redoes the chunk
+    plan[:] = [True]  # higher work waits at every check from now on
+    assert runtime.execute(a.id) == "queued"
+    # It stopped at 30 again, not at 10: a checkpoint moved back to 10 made the parent count
+    # items 10-30 twice (it reached 75 of 70 and succeeded with chunk B unfinished).
+    assert (client.get(a.id).items_done, bulk.job().items_done) == (30, 30)
+    plan[:] = []
+    assert runtime.execute(a.id) == "succeeded"
+    plan[:] = [False, True]
+    assert runtime.execute(b.id) == "queued"  # yields at item 20 of 35
+    assert bulk.job().items_done == 55 and bulk.status() == "running"
+    assert runtime.execute(b.id) == "succeeded"
+    assert bulk.job().items_done == 70 and bulk.status() == "succeeded"
+    assert list(client.bulk_results(bulk.id, timeout=1)) == [t.upper() for t in items]
+
+
 # --- interactive work run in place -----------------------------------------------------------
 
 

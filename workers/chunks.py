@@ -120,11 +120,15 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
                 raise piece
             pieces.append(piece)
             done = end
-            if done < len(items) and window_open is not None and not window_open():
+            # Redone from 0 (its checkpoint's results were not there), a chunk does not stop
+            # before its old checkpoint: that would move it back, and its parent, which
+            # counted those items already, would count them again.
+            may_stop = claim.items_done <= done < len(items)
+            if may_stop and window_open is not None and not window_open():
                 results.write_part(claim.parent_id, claim.job_id, start, _join(pieces))
                 outcomes.defer(claim, done, *spent())
                 return
-            if done < len(items) and must_yield():
+            if may_stop and must_yield():
                 results.write_part(claim.parent_id, claim.job_id, start, _join(pieces))
                 outcomes.preempt(claim, done, *spent())
                 return
