@@ -9,18 +9,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel
 from redis import RedisError
+from sqlalchemy.exc import InterfaceError as SQLInterfaceError
+from sqlalchemy.exc import OperationalError as SQLOperationalError
 
 from orchestrator.admission import Admission
 from orchestrator.batching import PLAIN_BATCH_MAX, PLAIN_KEY, Buffers, ServiceTimes
@@ -46,6 +49,24 @@ from orchestrator.window_catalog import WindowCatalog
 from orchestrator.windows import KIND_DEFAULT, NO_WINDOW_NAME, WindowSpec, _KindDefault
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reachable(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """The database stopped answering (refused, dropped, timed out) during the call: that is
+    ``ServiceUnavailable``, as the methods document, not a driver's error."""
+
+    @functools.wraps(method)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except (SQLOperationalError, SQLInterfaceError) as e:
+            raise ServiceUnavailable(f"database does not answer: {e.orig}") from e
+
+    return call
+
 
 _TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -122,6 +143,7 @@ class Client:
 
     # --- submit ------------------------------------------------------------------------------
 
+    @_reachable
     def submit(
         self,
         kind: str,
@@ -209,6 +231,7 @@ class Client:
             log.debug("submitted job %s kind=%s tier=%s tenant=%s", job_id, kind, chosen, tenant)
         return JobHandle(self, job_id, created=created)
 
+    @_reachable
     def submit_bulk(
         self,
         kind: str,
@@ -296,10 +319,12 @@ class Client:
         # The admission check's one round trip also read the quota version.
         self._quotas.check(tenant, tier, version=UNREAD if load is None else load.also_read)
 
+    @_reachable
     def chunks(self, job_id: str) -> list[JobView]:
         """A bulk job's chunks, in item order."""
         return self.services.store.chunks(job_id)
 
+    @_reachable
     def bulk_results(self, job_id: str, timeout: float | None = None) -> Iterator[Any]:
         """Wait for a bulk job, then yield one result per item, in submission order.
 
@@ -321,6 +346,7 @@ class Client:
 
     # --- follow ------------------------------------------------------------------------------
 
+    @_reachable
     def get(self, job_id: str) -> JobView:
         """Raises: JobNotFound."""
         job = self.services.store.get(job_id)
@@ -328,9 +354,11 @@ class Client:
             raise JobNotFound(job_id)
         return job
 
+    @_reachable
     def attempts(self, job_id: str) -> list[AttemptView]:
         return self.services.store.attempts(job_id)
 
+    @_reachable
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not finished; False when it already had.
 
@@ -343,6 +371,7 @@ class Client:
         self.get(job_id)
         return False
 
+    @_reachable
     def wait(self, handles: Iterable[JobHandle | str], timeout: float | None = None
              ) -> list[JobView]:
         """Block until every job has ended (in any state); return them in the given order.
@@ -394,6 +423,7 @@ class Client:
                 done[job_id] = view
                 pending.discard(job_id)
 
+    @_reachable
     def result(self, job_id: str, timeout: float | None = None) -> Any:
         """Wait for one job and return its result.
 

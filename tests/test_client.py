@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from orchestrator import (
     Client,
@@ -145,6 +146,36 @@ def test_submit_with_the_broker_down_is_refused_and_keeps_no_row(
         with pytest.raises(ServiceUnavailable, match="nothing was kept"):
             healthy.submit("echo", {"x": 1}, idempotency_key="k")
         assert _job_rows(healthy) == 0
+
+
+def test_a_database_that_stops_answering_is_service_unavailable_not_a_driver_error(
+    client: Client
+) -> None:
+    handle = client.submit("echo", {"x": 1})
+    engine = client.services.engine
+    dbapi = engine.dialect.loaded_dbapi
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise dbapi.OperationalError("connection refused (the server went away)")
+
+    event.listen(engine, "do_connect", refuse)
+    engine.dispose()  # pooled connections go with the server
+    try:
+        calls: list[Callable[[], object]] = [
+            lambda: client.submit("echo", {"x": 2}),
+            lambda: client.submit("echo", {"x": 3}, idempotency_key="k"),
+            lambda: client.submit_bulk("upper", ["a", "b"]),
+            lambda: client.get(handle.id), handle.status, handle.cancel,
+            lambda: client.attempts(handle.id), lambda: client.chunks(handle.id),
+            lambda: client.result(handle.id, timeout=0.1),
+            lambda: client.wait([handle], timeout=0.1),
+        ]
+        for call in calls:
+            with pytest.raises(ServiceUnavailable, match="database does not answer"):
+                call()
+    finally:
+        event.remove(engine, "do_connect", refuse)
+    assert handle.status() == "queued" and _job_rows(client) == 1
 
 
 def test_cancel_a_queued_job_then_result_raises_cancelled(client: Client) -> None:
