@@ -52,6 +52,17 @@ def _chunk_payload(spec: KindSpec, field: str, items: list[Any], params: dict[st
         raise InvalidPayload(spec.name, errors) from e
 
 
+def _check_params(spec: KindSpec, field: str, params: dict[str, Any]) -> None:
+    """The fixed params against the schema, whatever the items (even none) turn out to be:
+    every error but those about the bulk field itself (checked per chunk) is raised."""
+    try:
+        spec.validate({**params, field: []})
+    except InvalidPayload as e:
+        errors = [err for err in e.errors if tuple(err.get("loc", ()))[:1] != (field,)]
+        if errors:
+            raise InvalidPayload(spec.name, errors) from e
+
+
 def submit_bulk(
     client: Client,
     kind: str,
@@ -81,9 +92,7 @@ def submit_bulk(
     store = client.services.store
     policy = client.settings.policy(tier)
     max_attempts = spec.retry.resolve(policy).max_attempts or policy.max_attempts
-    # Check the fixed params before reading anything (with a stand-in for the items).
-    if isinstance(items, list | tuple) and items:
-        _chunk_payload(spec, field, list(items[:1]), params, 0)
+    _check_params(spec, field, params)  # before reading anything
     parent = NewJob(
         tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
         payload={**params, "bulk": {"field": field, "chunk_size": size}},

@@ -73,6 +73,11 @@ def test_a_bad_item_anywhere_refuses_the_bulk_job_and_leaves_nothing(
         assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
     with pytest.raises(InvalidOption, match="does not take bulk items"):
         client.submit_bulk("echo", ["a"])
+    consumed: list[int] = []
+    for stream in (iter([]), _stream(5, consumed)):  # bad params: refused before any read
+        with pytest.raises(InvalidPayload, match="nope"):
+            client.submit_bulk("upper", stream, params={"nope": 1})
+    assert consumed == []  # (and an empty stream's params were not checked at all)
     for size in (0, 2.5, "10", True):  # non-integers were raw TypeError / ValueError
         with pytest.raises(InvalidOption, match="chunk_size"):
             client.submit_bulk("upper", ["a"], chunk_size=size)  # type: ignore[arg-type]
