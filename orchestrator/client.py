@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError as SQLOperationalError
 
 from orchestrator.admission import Admission
 from orchestrator.batching import PLAIN_BATCH_MAX, PLAIN_KEY, Buffers, ServiceTimes
-from orchestrator.broker import publish
+from orchestrator.broker import TRANSPORT_KEY, publish
 from orchestrator.db.models import JobState
 from orchestrator.db.store import AttemptView, JobView, NewJob, utcnow
 from orchestrator.errors import (
@@ -222,9 +222,11 @@ class Client:
                         delay_ms=0.0, time_limit=policy.time_limit_s, plain=True,
                     )
                 else:
+                    # Recorded first: once published, a worker may run the job at once, and a
+                    # failed record after that would withdraw a job that is running.
+                    mark_sent(self.services.redis, [(job_id, 0)])
                     publish(self.services.celery, job_id, chosen, policy.priority,
                             time_limit=policy.time_limit_s)
-                    mark_sent(self.services.redis, [(job_id, 0)])
             except (KombuOperationalError, RedisError, OSError) as e:
                 self._withdraw(spec, model, chosen, job_id, now)
                 raise ServiceUnavailable(f"broker refused the job, nothing was kept: {e}") from e
@@ -340,6 +342,7 @@ class Client:
             key = spec.batch_key(model) if spec.batch is not None else PLAIN_KEY
             self._buffers.remove(tier=tier, kind=spec.name, key=key, job_id=job_id,
                                  enqueued_at=enqueued_at)
+            self.services.redis.hdel(TRANSPORT_KEY, job_id)
         except RedisError:
             log.warning("job %s: could not take it back from its buffer", job_id)
         self.services.store.delete_unpublished(job_id)

@@ -10,8 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 
+def _rebuild(cls: type[OrchestratorError], args: tuple[Any, ...], state: dict[str, Any]
+             ) -> OrchestratorError:
+    error = cls.__new__(cls)
+    BaseException.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
 class OrchestratorError(Exception):
     """Root of every error raised by this package."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their own arguments (a job id, a tier, ...) and build the message:
+        # rebuild from the message and the attributes, so that an error crosses a process
+        # boundary (multiprocessing, concurrent.futures) as itself.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class ConfigurationError(OrchestratorError):

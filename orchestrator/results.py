@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,20 +67,24 @@ class ResultStore:
     @staticmethod
     def _write(folder: Path, name: str, result: Any) -> str:
         folder.mkdir(parents=True, exist_ok=True)
-        if hasattr(result, "dtype"):
-            path, tmp = folder / f"{name}.npy", folder / f".{name}.npy.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(result), allow_pickle=False)
+        array = hasattr(result, "dtype")
+        path = folder / f"{name}.{'npy' if array else 'jsonl'}"
+        # Each writer its own temporary file: two attempts of one chunk (a lease taken over
+        # from a worker that was only slow) must not write into one file.
+        tmp = folder / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb" if array else "w") as f:
+                if array:
+                    np.save(f, np.asarray(result), allow_pickle=False)
+                else:
+                    for row in result:
+                        f.write(json.dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        else:
-            path, tmp = folder / f"{name}.jsonl", folder / f".{name}.jsonl.tmp"
-            with open(tmp, "w") as f:
-                for row in result:
-                    f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return str(path)
 
 

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import redis
@@ -116,6 +117,52 @@ def test_a_soft_time_limit_in_a_batch_call_fails_the_batch_without_rerunning_eac
     jobs = [h.job() for h in handles]
     assert [(j.state, j.attempts) for j in jobs] == [("queued", 1)] * 3
     assert all("time limit of the nearline tier exceeded" in (j.error or "") for j in jobs)
+
+
+def test_a_retry_whose_message_fails_does_not_hold_up_the_rest_of_the_batch(
+    client: Client, runtime: Runtime, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+
+    import workers.runtime as runtime_module
+    from orchestrator.scheduler.reconciler import Reconciler
+    from orchestrator.transport import Transport
+
+    def blip(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise BrokerError("simulated broker blip")
+
+    good = client.submit("upper", {"texts": ["fine"]})
+    boom = client.submit("upper", {"texts": ["boom"]})  # fails, and its retry's publish too
+    monkeypatch.setattr(runtime_module, "publish", blip)
+    signals = redis_client.pubsub(ignore_subscribe_messages=True)
+    signals.subscribe(f"orch:done:{good.id}")
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    # The failed follow-up of one job skipped the others' signals and kept the batch's
+    # processing list; now only that job waits, for the reconciler.
+    assert states == {good.id: "succeeded", boom.id: "queued"}
+    deadline, message = time.monotonic() + 2, None
+    while message is None and time.monotonic() < deadline:  # (the subscribe reads as None)
+        message = signals.get_message(timeout=0.2)
+    assert message is not None and message["channel"] == f"orch:done:{good.id}".encode()
+    assert redis_client.keys("orch:proc:*") == []
+    monkeypatch.undo()
+    reconciler = Reconciler(client.services, Transport(client.services), grace_s=0)
+    assert reconciler.check(utcnow() + timedelta(seconds=1)).republished == [boom.id]
+    signals.close()
+
+
+def test_a_job_buffered_twice_runs_once_in_its_batch(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    from orchestrator.transport import Transport
+
+    handle = client.submit("upper", {"texts": ["twice"]})
+    Transport(client.services).send([handle.job()])  # sent again while it still waits
+    assert redis_client.llen(buffer_key("nearline", "upper", "g")) == 2
+    assert runtime.execute_batch("upper", "g", "nearline", "m1") == {handle.id: "succeeded"}
+    job = handle.job()  # one claim, one run: it was claimed and run twice in one batch
+    assert (job.attempts, job.batch_size, job.result) == (1, 1, ["TWICE"])
+    assert len(client.attempts(handle.id)) == 1
 
 
 def test_batch_cpu_is_shared_by_the_weights_the_kind_sets(

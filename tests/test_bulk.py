@@ -85,6 +85,22 @@ def test_a_bad_item_anywhere_refuses_the_bulk_job_and_leaves_nothing(
         assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
 
 
+def test_a_chunk_whose_rows_cannot_be_written_fails_alone_with_the_reason(
+    client: Client, runtime: Runtime
+) -> None:
+    bulk = client.submit_bulk("upper", ["a", "opaque", "b", "c"], chunk_size=2)
+    first, second = client.chunks(bulk.id)
+    # The rows go to a file, past the JSON check other results get: the failed write broke
+    # the whole finish, so the chunk stayed running and came back as "worker lost" until dead.
+    assert runtime.execute(first.id) == "failed"
+    assert "cannot be written as JSON" in (client.get(first.id).error or "")
+    assert bulk.status() == "failed"
+    folder = Path(bulk.job().result_ref or "")
+    assert not folder.exists() or not [p for p in folder.iterdir() if p.suffix == ".tmp"]
+    assert runtime.execute(second.id) == "succeeded"  # the others are not stopped
+    assert bulk.status() == "failed"
+
+
 def test_bulk_idempotency_key_returns_the_same_job_without_reading_items(
     client: Client,
 ) -> None:

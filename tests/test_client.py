@@ -19,6 +19,7 @@ from orchestrator import (
     JobTimeout,
     UnknownKind,
 )
+from orchestrator.broker import TRANSPORT_KEY
 from orchestrator.db.models import attempts, jobs, tenants
 from orchestrator.errors import ServiceUnavailable
 from orchestrator.settings import Settings
@@ -146,6 +147,7 @@ def test_submit_with_the_broker_down_is_refused_and_keeps_no_row(
         with pytest.raises(ServiceUnavailable, match="nothing was kept"):
             healthy.submit("echo", {"x": 1}, idempotency_key="k")
         assert _job_rows(healthy) == 0
+        assert services.redis.hlen(TRANSPORT_KEY) == 0  # its record went with it
 
 
 def test_a_database_that_stops_answering_is_service_unavailable_not_a_driver_error(
@@ -208,3 +210,21 @@ def test_no_attempt_rows_before_a_worker_claims(client: Client) -> None:
     client.submit("echo", {})
     with client.services.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(attempts)).scalar_one() == 0
+
+
+def test_errors_cross_a_process_boundary_as_themselves() -> None:
+    import pickle
+
+    from orchestrator import errors
+
+    raised = [errors.UnknownKind("k", ["a"]), errors.InvalidPayload("k", [{"loc": ("x",),
+                                                                             "msg": "bad"}]),
+              errors.Overloaded("interactive", reason="r", retry_after=1.0, detail="d"),
+              errors.QuotaExceeded("t", quota="rate", limit=3, retry_after=None),
+              errors.JobNotFound("j"), errors.JobFailed("j", "failed", "boom"),
+              errors.JobCancelled("j"), errors.JobTimeout("j", 1.0, "queued"),
+              errors.UnknownWindow("w", ["a"]), errors.DimensionMismatch("i", 3, 4)]
+    for error in raised:  # these took their own arguments and failed to unpickle
+        again = pickle.loads(pickle.dumps(error))
+        assert (type(again), str(again), again.__dict__) == (type(error), str(error),
+                                                              error.__dict__)

@@ -42,7 +42,7 @@ from orchestrator.batching import (
 from orchestrator.broker import RUN_TASK, publish
 from orchestrator.db.models import JobState, Outcome
 from orchestrator.db.store import Claim, Finish, utcnow
-from orchestrator.errors import PermanentError, SubmitError, UnknownKind
+from orchestrator.errors import PermanentError, SubmitError, TransientError, UnknownKind
 from orchestrator.fairness import FairDispatcher
 from orchestrator.kinds import KindSpec
 from orchestrator.metrics import WorkerMetrics
@@ -597,8 +597,13 @@ class Runtime:
             job_id = finish.claim.job_id
             if job_id in owned:
                 states[job_id] = finish.state
-                if self._after(finish):
-                    ended.append((job_id, finish.state))
+                try:
+                    if self._after(finish):
+                        ended.append((job_id, finish.state))
+                except Exception:  # the others' follow-ups and signals still go out
+                    log.exception("job %s: %s is recorded, but what it calls for (a retry's or "
+                                  "a resume's message, a fair-turn place) failed; the "
+                                  "reconciler sends it again", job_id, finish.state)
             else:
                 log.info("job %s: attempt %d no longer owns the job; its outcome is discarded",
                          job_id, finish.claim.attempt)
@@ -670,7 +675,16 @@ class Runtime:
         items = len(result) if isinstance(result, list | tuple) or hasattr(result, "shape") else 1
         ref = None
         if claim.parent_id is not None:
-            ref = self.results.write_chunk(claim.parent_id, claim.job_id, result)
+            # A chunk's rows go to a file, not through the JSON check the other results pass
+            # at the call: a row the file cannot take fails this chunk, not the whole finish.
+            try:
+                ref = self.results.write_chunk(claim.parent_id, claim.job_id, result)
+            except (TypeError, ValueError) as e:
+                return self._failure(claim, PermanentError(
+                    f"result rows cannot be written as JSON: {e}"), cpu, wall)
+            except OSError as e:  # e.g. a full disk: retried
+                return self._failure(claim, TransientError(
+                    f"could not write the chunk's results: {e}"), cpu, wall)
             result = None
         elif hasattr(result, "dtype"):
             result = encode_array(result)  # bytes, not thousands of JSON floats

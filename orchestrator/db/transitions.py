@@ -157,7 +157,9 @@ class Transitions:
             )
             for row in rows
         }
-        return [by_id[job_id] for job_id in job_ids if job_id in by_id]
+        # One claim per job, even if an id came twice (a job sent again while its first
+        # message still waited): the batch runs each job once.
+        return [by_id[job_id] for job_id in dict.fromkeys(job_ids) if job_id in by_id]
 
     def unclaim_many(self, claims: Sequence[Claim]) -> set[str]:
         """Hand back jobs claimed ahead that will not run here: each goes back to queued with
