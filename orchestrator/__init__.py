@@ -13,6 +13,8 @@ from orchestrator.errors import (
     Overloaded,
     PermanentError,
     QuotaExceeded,
+    ServiceUnavailable,
+    SubmitInProgress,
     TransientError,
     UnknownKind,
 )
@@ -35,7 +37,9 @@ __all__ = [
     "Overloaded",
     "PermanentError",
     "QuotaExceeded",
+    "ServiceUnavailable",
     "Settings",
+    "SubmitInProgress",
     "Tier",
     "TransientError",
     "UnknownKind",

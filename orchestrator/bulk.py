@@ -23,7 +23,12 @@ from redis import RedisError
 from orchestrator.db.deferral import StreamGivenUp, defer_chunks
 from orchestrator.db.models import JobState
 from orchestrator.db.store import NewJob
-from orchestrator.errors import InvalidOption, InvalidPayload, ServiceUnavailable
+from orchestrator.errors import (
+    InvalidOption,
+    InvalidPayload,
+    ServiceUnavailable,
+    SubmitInProgress,
+)
 from orchestrator.fairness import FairDispatcher
 from orchestrator.kinds import KindSpec
 from orchestrator.tiers import Tier
@@ -104,6 +109,13 @@ def submit_bulk(
     client._admit(tier, tenant, idempotency_key, shed=window is None)
     parent_id, created = store.create(parent)
     if not created:
+        existing = store.get(parent_id)
+        if existing is not None and existing.state == JobState.RUNNING and \
+                existing.items_total is None and existing.attempts == 0:
+            # Its items are still streaming in, and a bad one would still refuse (and remove)
+            # it: a handle to it now could be left pointing at nothing.
+            raise SubmitInProgress(parent_id, "its items are still streaming in; submit "
+                                   "again once that submit has returned")
         return JobHandle(client, parent_id, created=False)
     total = 0
     try:

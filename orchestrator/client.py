@@ -174,8 +174,10 @@ class Client:
             Overloaded: the tier sheds load (``retry_after`` says when to try again); not
                 checked for a deferred job, which waits in the database, not on a queue.
             QuotaExceeded: one of the tenant's quotas refuses it (``quota`` names which).
-            ServiceUnavailable: the job could not be stored or published (nothing is left
-                behind).
+            ServiceUnavailable: the job could not be stored or published; nothing is left
+                behind, except for a job with an idempotency key, which another submit of
+                the key may hold already: it is kept and sent once the broker answers (its
+                id is the error's ``job_id``; submitting again with the key returns it).
         """
         spec = self.services.kinds.get(kind)
         model = spec.validate(payload)
@@ -228,6 +230,15 @@ class Client:
                     publish(self.services.celery, job_id, chosen, policy.priority,
                             time_limit=policy.time_limit_s)
             except (KombuOperationalError, RedisError, OSError) as e:
+                if idempotency_key is not None:
+                    # A concurrent submit of the same key may already hold this job: it is
+                    # kept, with no transport record, and the reconciler sends it.
+                    self._unsend(spec, model, chosen, job_id, now)
+                    raise ServiceUnavailable(
+                        f"broker refused the job; job {job_id} is stored under its idempotency "
+                        "key and is sent once the broker answers (the scheduler's reconciler "
+                        f"re-sends it); submitting again with the key returns it: {e}",
+                        job_id=job_id) from e
                 self._withdraw(spec, model, chosen, job_id, now)
                 raise ServiceUnavailable(f"broker refused the job, nothing was kept: {e}") from e
             log.debug("submitted job %s kind=%s tier=%s tenant=%s", job_id, kind, chosen, tenant)
@@ -264,6 +275,8 @@ class Client:
             Overloaded, QuotaExceeded: as for ``submit`` (the bulk job counts as one
                 submission; its tier's backlog is checked before the first item is read).
             ServiceUnavailable: the broker refused the chunks (the job is cancelled).
+            SubmitInProgress: a bulk job with this idempotency key is still streaming its
+                items in (another submit); try again once it has returned.
         """
         from orchestrator.bulk import submit_bulk
 
@@ -338,6 +351,12 @@ class Client:
 
     def _withdraw(self, spec: KindSpec, model: BaseModel, tier: Tier, job_id: str,
                   enqueued_at: datetime) -> None:
+        self._unsend(spec, model, tier, job_id, enqueued_at)
+        self.services.store.delete_unpublished(job_id)
+
+    def _unsend(self, spec: KindSpec, model: BaseModel, tier: Tier, job_id: str,
+                enqueued_at: datetime) -> None:
+        """Take back what a failed send may have left: its buffer item and transport record."""
         try:  # a plain kind's job may be in its buffer too; removing a missing item is a no-op
             key = spec.batch_key(model) if spec.batch is not None else PLAIN_KEY
             self._buffers.remove(tier=tier, kind=spec.name, key=key, job_id=job_id,
@@ -345,7 +364,6 @@ class Client:
             self.services.redis.hdel(TRANSPORT_KEY, job_id)
         except RedisError:
             log.warning("job %s: could not take it back from its buffer", job_id)
-        self.services.store.delete_unpublished(job_id)
 
     # --- follow ------------------------------------------------------------------------------
 

@@ -33,7 +33,16 @@ class ConfigurationError(OrchestratorError):
 
 
 class ServiceUnavailable(OrchestratorError):
-    """Raised when the database or the broker cannot be reached."""
+    """Raised when the database or the broker cannot be reached.
+
+    ``job_id`` names a job that was stored all the same (a submit with an idempotency key
+    whose publish failed): it is sent once the broker answers, and submitting again with the
+    same key returns it.
+    """
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        self.job_id = job_id
+        super().__init__(message)
 
 
 # --- submit side -----------------------------------------------------------------------------
@@ -66,6 +75,16 @@ class InvalidPayload(SubmitError):
             for err in errors
         ]
         super().__init__(f"invalid payload for kind {kind!r}: " + "; ".join(lines))
+
+
+class SubmitInProgress(SubmitError):
+    """Raised when another submit with the same idempotency key is still under way (a bulk
+    job whose items are still streaming in): try again once it has finished."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} with this idempotency key is still being submitted: "
+                         f"{detail}")
 
 
 class InvalidOption(SubmitError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator import Client, InvalidOption, InvalidPayload
+from orchestrator import Client, InvalidOption, InvalidPayload, SubmitInProgress
 from orchestrator.db.models import jobs
 from tests.conftest import WorkerProcess
 from workers.runtime import Runtime
@@ -99,6 +99,30 @@ def test_a_chunk_whose_rows_cannot_be_written_fails_alone_with_the_reason(
     assert not folder.exists() or not [p for p in folder.iterdir() if p.suffix == ".tmp"]
     assert runtime.execute(second.id) == "succeeded"  # the others are not stopped
     assert bulk.status() == "failed"
+
+
+def test_a_duplicate_of_a_bulk_job_still_streaming_is_refused_as_in_progress(
+    client: Client
+) -> None:
+    refused: list[Exception] = []
+
+    def items() -> Iterator[object]:
+        yield from ["a", "b", "c"]
+        try:  # a second submit of the key while this one's items still stream in
+            client.submit_bulk("upper", ["x"], chunk_size=2, idempotency_key="k")
+        except SubmitInProgress as e:
+            refused.append(e)
+        yield {"not": "text"}  # and this one then turns out to be refused
+
+    with pytest.raises(InvalidPayload):
+        client.submit_bulk("upper", items(), chunk_size=2, idempotency_key="k")
+    # The duplicate got the half-streamed job, which the bad item then removed: its handle
+    # pointed at nothing (JobNotFound).
+    assert len(refused) == 1 and "still streaming" in str(refused[0])
+    with client.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
+    done = client.submit_bulk("upper", ["x"], chunk_size=2, idempotency_key="k")
+    assert done.created and client.submit_bulk("upper", ["x"], idempotency_key="k").id == done.id
 
 
 def test_bulk_idempotency_key_returns_the_same_job_without_reading_items(

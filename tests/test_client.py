@@ -21,8 +21,11 @@ from orchestrator import (
 )
 from orchestrator.broker import TRANSPORT_KEY
 from orchestrator.db.models import attempts, jobs, tenants
+from orchestrator.db.store import utcnow
 from orchestrator.errors import ServiceUnavailable
+from orchestrator.scheduler.reconciler import Reconciler
 from orchestrator.settings import Settings
+from orchestrator.transport import Transport
 
 
 def _queued_messages(r: redis.Redis) -> int:
@@ -145,9 +148,21 @@ def test_submit_with_the_broker_down_is_refused_and_keeps_no_row(
             **services.celery.conf.broker_transport_options, "max_retries": 0,
         }
         with pytest.raises(ServiceUnavailable, match="nothing was kept"):
-            healthy.submit("echo", {"x": 1}, idempotency_key="k")
+            healthy.submit("echo", {"x": 1})
         assert _job_rows(healthy) == 0
         assert services.redis.hlen(TRANSPORT_KEY) == 0  # its record went with it
+        # With an idempotency key, another submit of the key may hold the job already (it was
+        # deleted under it): it is kept, unsent, for the reconciler.
+        with pytest.raises(ServiceUnavailable, match="stored under its idempotency key") as info:
+            healthy.submit("echo", {"x": 1}, idempotency_key="k")
+        kept = info.value.job_id
+        assert kept is not None and healthy.get(kept).state == "queued"
+        assert services.redis.hlen(TRANSPORT_KEY) == 0
+    with Client.from_settings(settings) as client:
+        again = client.submit("echo", {"x": 1}, idempotency_key="k")
+        assert (again.id, again.created) == (kept, False)
+        reconciler = Reconciler(client.services, Transport(client.services), grace_s=0)
+        assert reconciler.check(utcnow() + timedelta(seconds=1)).republished == [kept]
 
 
 def test_a_database_that_stops_answering_is_service_unavailable_not_a_driver_error(
