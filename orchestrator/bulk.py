@@ -26,6 +26,7 @@ from orchestrator.db.store import NewJob
 from orchestrator.errors import (
     InvalidOption,
     InvalidPayload,
+    JobCancelled,
     ServiceUnavailable,
     SubmitInProgress,
 )
@@ -140,6 +141,9 @@ def submit_bulk(
         chunk_ids = store.release_chunks(parent_id, total)
     except StreamGivenUp:
         store.drop_staged(parent_id)
+        ended = store.get(parent_id)
+        if ended is not None and ended.state == JobState.CANCELLED:  # while its items streamed
+            raise JobCancelled(parent_id) from None
         raise ServiceUnavailable(
             f"bulk job {parent_id} was given up while its items streamed in: no chunk was "
             f"staged for ORCH_BULK_STREAM_TIMEOUT_S ({client.settings.bulk_stream_timeout_s:g} "

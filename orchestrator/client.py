@@ -277,6 +277,7 @@ class Client:
             ServiceUnavailable: the broker refused the chunks (the job is cancelled).
             SubmitInProgress: a bulk job with this idempotency key is still streaming its
                 items in (another submit); try again once it has returned.
+            JobCancelled: the job was cancelled while its items streamed in (none ran).
         """
         from orchestrator.bulk import submit_bulk
 

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator import Client, InvalidOption, InvalidPayload, SubmitInProgress
+from orchestrator import (
+    Client,
+    InvalidOption,
+    InvalidPayload,
+    JobCancelled,
+    SubmitInProgress,
+)
 from orchestrator.db.models import jobs
 from tests.conftest import WorkerProcess
 from workers.runtime import Runtime
@@ -123,6 +129,18 @@ def test_a_duplicate_of_a_bulk_job_still_streaming_is_refused_as_in_progress(
         assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
     done = client.submit_bulk("upper", ["x"], chunk_size=2, idempotency_key="k")
     assert done.created and client.submit_bulk("upper", ["x"], idempotency_key="k").id == done.id
+
+
+def test_a_bulk_job_cancelled_while_its_items_stream_in_says_so(client: Client) -> None:
+    def items() -> Iterator[str]:
+        yield from ["a", "b", "c"]
+        [parent] = [j for j in client.services.store.find(tenant="cx") if j.parent_id is None]
+        assert client.cancel(parent.id)
+        yield "d"
+
+    # It said the job was given up for streaming too slowly ("ORCH_BULK_STREAM_TIMEOUT_S").
+    with pytest.raises(JobCancelled):
+        client.submit_bulk("upper", items(), chunk_size=2, tenant="cx")
 
 
 def test_bulk_idempotency_key_returns_the_same_job_without_reading_items(
