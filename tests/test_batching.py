@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from orchestrator import Client, JobFailed
 from orchestrator.batching import (
+    BATCH_TASK,
     PLAIN_BATCH_MAX,
     PLAIN_KEY,
     PLAIN_TAKE_BUDGET_S,
@@ -767,6 +768,21 @@ def test_a_take_of_plain_jobs_holds_only_what_fits_its_budget(
     starts = [client.attempts(h.id)[0].started_at for h in handles]
     assert sorted(starts.count(t) for t in set(starts)) == [3, 5]
     assert redis_client.llen(_plain_buffer("nearline", "burn")) == 0
+    assert not redis_client.exists(drain_key(_plain_buffer("nearline", "burn")))
+
+
+def test_plain_jobs_run_in_place_take_one_take_and_trigger_the_rest(
+    client: Client, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    redis_client.hset("orch:svc", kind_service_field("burn"), "0.01")  # 5 fit a take
+    handles = [client.submit("burn", {"ms": 1}) for _ in range(8)]
+    queue = queue_key(Tier.NEARLINE, 3)
+    triggers = redis_client.llen(queue)
+    runtime.run_message(BATCH_TASK, ["burn", PLAIN_KEY, "nearline"], "in-place-1")
+    # Run in place (a chunk paused for it), one take only: it drained the buffer for up to
+    # PLAIN_DRAIN_BUDGET_S while the chunk waited for its slot.
+    assert [h.status() for h in handles] == ["succeeded"] * 5 + ["queued"] * 3
+    assert redis_client.llen(queue) == triggers + 1  # the rest have their trigger
     assert not redis_client.exists(drain_key(_plain_buffer("nearline", "burn")))
 
 

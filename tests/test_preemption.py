@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +261,30 @@ def test_interactive_work_run_in_place_keeps_its_tiers_time_limit(
         assert slow.job().state in ("queued", "dead")  # retried with backoff, or out of tries
     finally:
         rt.close()
+
+
+def test_the_chunks_own_time_limit_firing_while_work_runs_in_place_reaches_the_chunk(
+    client: Client, runtime: Runtime
+) -> None:
+    # Celery signals a task's soft time limit with SIGUSR1 (billiard); in a test process its
+    # default would end the process, so a stand-in handler is there outside the run in place.
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        bulk = client.submit_bulk("upper", [f"t{i}" for i in range(15)], chunk_size=100)
+        [chunk] = client.chunks(bulk.id)
+        client.submit("burn", {"ms": 3000}, tier="interactive")  # run in place at item 10
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+        started = time.monotonic()
+        timer.start()
+        state = runtime.execute(chunk.id)
+        timer.join()
+        # It was taken as the interactive job's failure and lost: the chunk ran on past its
+        # limit toward the hard kill.
+        assert state == "queued" and time.monotonic() - started < 2.5
+        [attempt] = client.attempts(chunk.id)
+        assert "time limit of the offline tier exceeded" in (attempt.error or "")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_a_due_interactive_batch_whose_trigger_is_out_of_reach_is_taken_from_its_buffer(

@@ -228,15 +228,20 @@ class InPlaceServer:
         Job failures are the runtime's to record; what comes here is a time limit hit outside
         the kind, a broken message or a lost connection. None of it may fail the paused chunk.
         """
+        fired = _Fired()
         try:
-            with _soft_limit(self._time_limit_s):
+            with _soft_limit(self._time_limit_s, fired):
                 self._dispatch(task, args, message_id)
         except SoftTimeLimitExceeded:
+            if not fired.own:  # the paused chunk's own limit: the chunk's to handle
+                raise
             log.warning("interactive message %s run in place hit the tier's time limit",
                         message_id)
         except Exception:
             log.exception("interactive message %s failed when run in place", message_id)
             return False
+        if fired.outer:  # the chunk's limit cut the work run in place (its kind took it)
+            raise SoftTimeLimitExceeded()
         return True
 
     def _empty(self, args: list[Any]) -> bool:
@@ -254,20 +259,42 @@ def _seconds_until(eta: str | None) -> float:
     return due.timestamp() - time.time()
 
 
+@dataclass
+class _Fired:
+    """Which soft time limit fired while work ran in place."""
+
+    own: bool = False  #: the interactive tier's, set for the work run in place
+    outer: bool = False  #: the paused chunk's (Celery's, signalled by billiard)
+
+
 @contextmanager
-def _soft_limit(seconds: float) -> Iterator[None]:
-    """Raise ``SoftTimeLimitExceeded`` in this (main) thread after ``seconds``, as Celery would."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+def _soft_limit(seconds: float, fired: _Fired) -> Iterator[None]:
+    """Raise ``SoftTimeLimitExceeded`` in this (main) thread after ``seconds``, as Celery would.
+
+    Celery's own soft limit for the paused chunk (``SIGUSR1`` from billiard) still raises
+    meanwhile, and is marked in ``fired`` as the chunk's: the work run in place may take it
+    as its own failure, and the chunk would never learn that its time was up.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def expired(signum: int, frame: FrameType | None) -> None:
+        fired.own = True
         raise SoftTimeLimitExceeded()
 
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    def outer(signum: int, frame: FrameType | None) -> None:
+        fired.outer = True
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, expired) if seconds > 0 else None
+    chunk_limit = signal.signal(signal.SIGUSR1, outer)
+    if seconds > 0:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGUSR1, chunk_limit)

@@ -176,6 +176,11 @@ class Runtime:
         self.buffers.hold(tier=Tier(tier), kind=kind, key=key, hold_s=DRAIN_HOLD_S)
         try:
             states = self._run_taken([job_id for job_id, _ in taken.items], processing)
+            if not drain:  # run in place: the paused chunk wants its slot back now
+                self.buffers.stop_draining(tier=Tier(tier), kind=kind, key=key,
+                                           priority=policy.priority,
+                                           time_limit=policy.time_limit_s)
+                return states
             return {**states, **self._drain(kind, key, Tier(tier), message_id, size, start)}
         except BaseException:
             self.buffers.stop_draining(tier=Tier(tier), kind=kind, key=key,
