@@ -78,7 +78,7 @@ class ResultStore:
                     np.save(f, np.asarray(result), allow_pickle=False)
                 else:
                     for row in result:
-                        f.write(json.dumps(row) + "\n")
+                        f.write(json.dumps(row, allow_nan=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

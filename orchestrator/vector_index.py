@@ -234,14 +234,23 @@ class LoadedIndex:
             raise DimensionMismatch(self.manifest.name, self.manifest.dim, int(queries.shape[1]))
         k = min(k, len(self.matrix))
         scores = queries.astype(np.float32, copy=False) @ self.matrix.T
-        if k < len(self.matrix):
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        else:
+        if k == len(self.matrix):
             part = np.tile(np.arange(len(self.matrix)), (len(queries), 1))
-        picked = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, -picked), axis=1)
-        positions = np.take_along_axis(part, order, axis=1)
-        return positions, np.take_along_axis(picked, order, axis=1)
+            picked = scores
+            order = np.lexsort((part, -picked), axis=1)
+            return (np.take_along_axis(part, order, axis=1),
+                    np.take_along_axis(picked, order, axis=1))
+        # Every vector scoring at least the k-th best is a candidate, so that ties at the
+        # boundary go to the earlier vectors (argpartition alone picks among them at random,
+        # and a query's hits then depended on the other queries of its batch).
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+        positions = np.empty((len(queries), k), dtype=np.int64)
+        values = np.empty((len(queries), k), dtype=scores.dtype)
+        for i, (row, least) in enumerate(zip(scores, kth, strict=True)):
+            candidates = np.flatnonzero(row >= least)
+            best = np.lexsort((candidates, -row[candidates]))[:k]
+            positions[i], values[i] = candidates[best], row[candidates[best]]
+        return positions, values
 
 
 class IndexCache:

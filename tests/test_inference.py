@@ -102,6 +102,34 @@ def test_score_payloads_are_checked_at_submit(client: Client) -> None:
         client.submit("score", {"rows": [[1.0]], "threshold": 2})
     with pytest.raises(InvalidPayload, match="texts"):
         client.submit("embed", {"texts": []})
+    # Not finite, or past float32 (inf, then NaN, in the model): a raw DataError on
+    # PostgreSQL, a NaN score on SQLite.
+    for bad in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(InvalidPayload, match=r"rows\.0\.0"):
+            client.submit("score", {"rows": [[bad, 1.0]]})
+
+
+def test_a_row_the_model_overflows_on_fails_only_its_own_job(
+    client: Client, runtime: Runtime
+) -> None:
+    good = client.submit("score", {"rows": [[0.1] * 16]})
+    signs = (1, 1, 1, -1, -1, 1, -1, 1, 1, 1, -1, -1, -1, -1, 1, -1)
+    huge = client.submit("score", {"rows": [[3e38 * s for s in signs]]})  # within float32
+    runtime.execute_batch("score", "scoring-synthetic@0.8", "nearline", "m1")
+    # Its NaN score went into the batch's finish, which PostgreSQL refused whole: every job of
+    # the batch stayed running (on SQLite it "succeeded" with a NaN score).
+    assert good.status() == "succeeded"
+    assert huge.status() == "failed" and "not a finite number" in (huge.job().error or "")
+
+
+def test_thresholds_that_print_alike_never_share_a_batch(client: Client, runtime: Runtime
+                                                         ) -> None:
+    a = client.submit("score", {"rows": [[0.1] * 16], "threshold": 0.93420774})
+    b = client.submit("score", {"rows": [[0.1] * 16], "threshold": 0.93420794})
+    assert runtime.execute_batch("score", "scoring-synthetic@0.93420774", "nearline", "m1") \
+        == {a.id: "succeeded"}
+    assert runtime.execute_batch("score", "scoring-synthetic@0.93420794", "nearline", "m2") \
+        == {b.id: "succeeded"}
 
 
 def test_a_row_of_the_wrong_width_fails_only_its_own_job(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator import Client, JobFailed, retrieval
+from orchestrator import Client, InvalidPayload, JobFailed, retrieval
 from orchestrator.client import JobHandle
 from orchestrator.db.models import jobs
 from orchestrator.errors import DimensionMismatch, InvalidSource, UnknownIndex
@@ -276,6 +276,13 @@ def test_bad_retrieval_inputs_are_refused_at_the_edge_and_change_nothing(
             {"vector": [0.0] * 8, "relevant": ["a"]}, {"vector": [1.0, 2.0], "relevant": ["b"]}])
     with pytest.raises(UnknownIndex, match="name"):
         submit_index(client, "../escape", [docs.id])
+    for vector in ([float("nan")] * 8, [1e39] * 8):  # a raw DataError, or NaN scores
+        with pytest.raises(InvalidPayload, match="vectors"):
+            client.submit("search", {"index": "docs", "vectors": [vector]})
+    with pytest.raises(InvalidPayload, match="same length"):  # was retried in the worker
+        client.submit("evaluate", {"index": "docs", "items": [
+            {"vector": [0.0] * 8, "relevant": ["a"]}, {"vector": [1.0, 2.0], "relevant": ["b"]}]},
+            window=None)
     assert _job_count(client) == count
     assert (index.manifest().count, index.manifest().version) == (3, 1)
 
@@ -333,3 +340,23 @@ def test_index_and_evaluate_wait_for_the_offpeak_window_unless_told_otherwise(
         assert {c.window for c in chunks} == {"offpeak"}
     now = client.submit("index", {"index": "docs", "sources": [{"job": docs.id}]}, window=None)
     assert {c.state for c in client.chunks(now.id)} == {"queued"}
+
+
+def test_ties_at_the_k_th_hit_go_to_the_earlier_vectors() -> None:
+    from orchestrator.vector_index import LoadedIndex, Manifest
+
+    n = 300  # identical vectors: every score ties
+    matrix = np.tile(np.array([[1, 0, 0, 0]], np.float32), (n, 1))
+    loaded = LoadedIndex(Manifest("ix", 4, "tiny", n, 1, "", "", [], {}), None, matrix,
+                         [{"id": str(i)} for i in range(n)], {})
+    query = np.array([[1, 0, 0, 0]], np.float32)
+    # argpartition picked any 5 of the 300 (e.g. 283-287), so a query's hits depended on
+    # the other queries of its batch (k is the batch's largest).
+    for k in (1, 5, 299, 300):
+        positions, scores = loaded.top_k(query, k)
+        assert positions[0].tolist() == list(range(k)) and scores.shape == (1, k)
+    scored = np.array([[0.0], [2.0], [1.0], [2.0], [1.0]], np.float32)
+    mixed = LoadedIndex(Manifest("iy", 1, "tiny", 5, 1, "", "", [], {}), None, scored,
+                        [{"id": str(i)} for i in range(5)], {})
+    positions, scores = mixed.top_k(np.array([[1.0]], np.float32), 3)
+    assert positions[0].tolist() == [1, 3, 2] and scores[0].tolist() == [2.0, 2.0, 1.0]

@@ -149,8 +149,8 @@ def _checked(result: Any, chunk: bool) -> Any:
     """Results go to the database as JSON (or, for bulk chunks, to a file): check early."""
     if chunk or isinstance(result, BaseException) or hasattr(result, "tolist"):
         return result
-    try:
-        json.dumps(result)
+    try:  # NaN and Infinity are not JSON: PostgreSQL refuses them, failing the whole finish
+        json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as e:
         return PermanentError(f"result is not JSON-serialisable: {e}")
     return result

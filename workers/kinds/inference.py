@@ -9,6 +9,7 @@ loaded eagerly when its files are there), others on first use, then kept.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+
+#: largest float32: a feature or vector element past it becomes inf, then NaN, in the model
+FLOAT32_MAX = 3.4028234663852886e38
+#: a number the models take: finite, and within float32 (refused at submit, not in the worker)
+Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class ModelCache:
@@ -120,7 +126,7 @@ class ScorePayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rows: list[list[float]] = Field(min_length=1, max_length=1_000_000)
+    rows: list[list[Float32]] = Field(min_length=1, max_length=1_000_000)
     model: ModelName = DEFAULT_SCORING_MODEL
     threshold: float = Field(default=0.8, ge=0.0, le=1.0,
                              description="rows the small model scores below this escalate")
@@ -133,13 +139,20 @@ class ScorePayload(BaseModel):
         return self
 
 
+def _threshold_key(threshold: float) -> str:
+    """A threshold in a batch key: short where that is exact ("0.8"), else every digit, so
+    that two thresholds never share a batch (the batch runs with its first job's)."""
+    short = f"{threshold:g}"
+    return short if float(short) == threshold else repr(threshold)
+
+
 @kind(
     "score", schema=ScorePayload, tier="nearline",
-    batch=BatchPolicy(key=lambda p: f"{p.model}@{p.threshold:g}", bulk_field="rows",
-                      chunk_size=4096),
+    batch=BatchPolicy(key=lambda p: f"{p.model}@{_threshold_key(p.threshold)}",
+                      bulk_field="rows", chunk_size=4096),
     setup=setup_models,
 )
-def score(payloads: list[ScorePayload], ctx: JobContext) -> list[list[dict[str, Any]]]:
+def score(payloads: list[ScorePayload], ctx: JobContext) -> list[Any]:
     """Score every row; each result row says which model answered and whether it escalated."""
     cache: ModelCache = ctx.resources
     scorer = cache.scorer(payloads[0].model, payloads[0].threshold)
@@ -147,10 +160,15 @@ def score(payloads: list[ScorePayload], ctx: JobContext) -> list[list[dict[str, 
     answers = []
     for part in _slices(len(rows), max(cache.settings.model_batch, 256)):
         answers.extend(scorer.score(rows[part]).results())
-    out: list[list[dict[str, Any]]] = []
+    out: list[Any] = []
     start = 0
     for p in payloads:
-        out.append(answers[start:start + len(p.rows)])
+        mine = answers[start:start + len(p.rows)]
+        bad = [i for i, a in enumerate(mine) if not math.isfinite(a["score"])]
+        # Finite features can still overflow the model (float32): that job fails, alone.
+        out.append(PermanentError(
+            f"rows {bad[:5]} gave a score that is not a finite number (features too large "
+            "for the model?)") if bad else mine)
         start += len(p.rows)
     ctx.share.weights = [float(len(p.rows)) for p in payloads]
     return out

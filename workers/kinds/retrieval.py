@@ -37,7 +37,7 @@ from orchestrator.vector_index import (
     VectorIndex,
     index_root,
 )
-from workers.kinds.inference import ModelCache, ModelName, Text
+from workers.kinds.inference import Float32, ModelCache, ModelName, Text
 from workers.models.scoring import DEFAULT_SCORING_MODEL
 
 IndexName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -153,7 +153,7 @@ class SearchPayload(BaseModel):
 
     index: IndexName
     queries: list[Text] | None = Field(default=None, min_length=1, max_length=1000)
-    vectors: list[list[float]] | None = Field(default=None, min_length=1, max_length=1000)
+    vectors: list[list[Float32]] | None = Field(default=None, min_length=1, max_length=1000)
     k: int = Field(default=10, ge=1, le=MAX_K)
 
     @model_validator(mode="after")
@@ -213,9 +213,9 @@ class EvalItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: Text | None = None
-    vector: list[float] | None = Field(default=None, min_length=1)
+    vector: list[Float32] | None = Field(default=None, min_length=1)
     relevant: list[str] | None = Field(default=None, min_length=1)
-    row: list[float] | None = Field(default=None, min_length=1)
+    row: list[Float32] | None = Field(default=None, min_length=1)
     label: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
@@ -251,6 +251,8 @@ class EvaluatePayload(BaseModel):
         widths = {len(i.row) for i in self.items if i.row is not None}
         if len(widths) > 1:
             raise ValueError("rows must all have the same length")
+        if len({len(i.vector) for i in self.items if i.vector is not None}) > 1:
+            raise ValueError("query vectors must all have the same length")
         self.ks = sorted(set(self.ks))
         return self
 
