@@ -44,7 +44,7 @@ class UpperPayload(BaseModel):
 def _upper(payloads: list[UpperPayload], ctx: JobContext) -> list[Any]:
     """Upper-case every text. "boom" fails the whole call; "bad" fails only its own job;
     "late" makes a call of more than one job overrun the tier's soft time limit; "opaque" is
-    returned as a row no JSON encoder takes."""
+    returned as a row no JSON encoder takes, "nan" as NaN."""
     texts = [t for p in payloads for t in p.texts]
     if "boom" in texts:
         raise TransientError("boom in the batch")
@@ -56,7 +56,8 @@ def _upper(payloads: list[UpperPayload], ctx: JobContext) -> list[Any]:
         if "bad" in p.texts:
             out.append(PermanentError("bad text"))
         else:
-            out.append([object() if t == "opaque" else t.upper() for t in p.texts])
+            out.append([object() if t == "opaque" else float("nan") if t == "nan"
+                        else t.upper() for t in p.texts])
     if any(t.startswith("slow") for t in texts):
         time.sleep(1.0)
     return out

@@ -166,6 +166,17 @@ def test_a_job_buffered_twice_runs_once_in_its_batch(
     assert len(client.attempts(handle.id)) == 1
 
 
+def test_a_result_with_nan_fails_its_own_job_and_not_the_batchs_finish(
+    client: Client, runtime: Runtime
+) -> None:
+    good = client.submit("upper", {"texts": ["fine"]})
+    bad = client.submit("upper", {"texts": ["nan"]})
+    states = runtime.execute_batch("upper", "g", "nearline", "m1")
+    # PostgreSQL's json refuses NaN: the batch's one finish failed and both stayed running.
+    assert states == {good.id: "succeeded", bad.id: "failed"}
+    assert "not JSON-serialisable" in (bad.job().error or "")
+
+
 def test_batch_cpu_is_shared_by_the_weights_the_kind_sets(
     client: Client, runtime: Runtime
 ) -> None:
