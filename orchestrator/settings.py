@@ -31,7 +31,7 @@ def _default_state_dir(env: Mapping[str, str]) -> Path:
 class Settings(BaseModel):
     """Configuration of one deployment: where its database and broker live, and tier policy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     database_url: str | None = None
     broker_url: str | None = None

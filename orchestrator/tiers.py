@@ -49,7 +49,7 @@ class TierPolicy(BaseModel):
     that protects Redis, applied even when no worker is registered to estimate from).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     priority: int = Field(ge=0, le=9)
     time_limit_s: float = Field(gt=0)
@@ -79,6 +79,14 @@ class TierPolicy(BaseModel):
             raise ValueError(
                 f"max_backlog ({self.max_backlog}) must not exceed hard_backlog "
                 f"({self.hard_backlog}): the hard cap is the last line")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s:g}) must not be below backoff_base_s "
+                f"({self.backoff_base_s:g})")
+        if self.drain_budget_s >= self.time_limit_s:
+            raise ValueError(
+                f"drain_budget_s ({self.drain_budget_s:g}) must be below time_limit_s "
+                f"({self.time_limit_s:g}): a draining task would hit its time limit")
         return self
 
     @property

@@ -81,6 +81,13 @@ def test_tier_policy_overrides_and_round_trip_through_the_environment(tmp_path: 
         ({"ORCH_TIER_OFFLINE_PREEMPT_CHECK_MS": "-5"}, "preempt_check_ms"),
         ({"ORCH_TIER_BATCH_LEASE_S": "1"}, "unknown setting"),
         ({"ORCH_VISIBILITY_TIMEOUT_S": "soon"}, "visibility_timeout_s"),
+        # Accepted before, then timedelta(seconds=inf) raised OverflowError on every claim.
+        ({"ORCH_VISIBILITY_TIMEOUT_S": "inf"}, "finite number"),
+        ({"ORCH_TIER_OFFLINE_LEASE_S": "inf"}, "finite number"),
+        ({"ORCH_TIER_OFFLINE_LEASE_S": "nan"}, "finite number"),
+        ({"ORCH_TIER_NEARLINE_BACKOFF_BASE_S": "5", "ORCH_TIER_NEARLINE_BACKOFF_MAX_S": "1"},
+         "backoff_max_s"),
+        ({"ORCH_TIER_INTERACTIVE_DRAIN_BUDGET_S": "60"}, "drain_budget_s .* below time_limit_s"),
     ],
 )
 def test_bad_settings_are_refused_with_the_variable_named(
