@@ -97,9 +97,11 @@ def encode_array(array: Any) -> dict[str, Any]:
     A batch of embeddings as JSON numbers costs about a microsecond a float to write and read;
     as bytes it costs almost nothing, and float32 values come back exactly.
     """
-    a = np.ascontiguousarray(array)
+    a = np.asarray(array)
+    shape = list(a.shape)  # (ascontiguousarray turns a 0-d array or a scalar into shape (1,))
+    a = np.ascontiguousarray(a)
     a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return {ARRAY_KEY: {"dtype": a.dtype.str, "shape": list(a.shape),
+    return {ARRAY_KEY: {"dtype": a.dtype.str, "shape": shape,
                         "data": base64.b64encode(a.tobytes()).decode("ascii")}}
 
 

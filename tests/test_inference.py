@@ -178,3 +178,8 @@ def test_arrays_are_stored_as_bytes_and_come_back_exactly() -> None:
     back = decode_result(stored)
     assert back.dtype == np.float32 and back.shape == (3, 384) and np.array_equal(a, back)
     assert decode_result({"label": 1}) == {"label": 1}
+    # A 0-d array or a numpy scalar came back with shape (1,).
+    for odd in (np.float32(2.5), np.array(7, dtype=np.int64), np.zeros((0, 4), np.float32),
+                np.arange(6, dtype=">i4").reshape(2, 3).T):
+        again = decode_result(json.loads(json.dumps(encode_array(odd))))
+        assert again.shape == np.shape(odd) and np.array_equal(again, odd)
