@@ -75,9 +75,13 @@ class EmbeddedRedis:
             fcntl.flock(start_lock, fcntl.LOCK_EX)
             users = open(self.state_dir / "redis.users", "wb")  # noqa: SIM115 (held for life)
             fcntl.flock(users, fcntl.LOCK_SH)
+            try:
+                if not self._ping():
+                    self._start(timeout)
+            except BaseException:  # not attached: a later attach tries again
+                users.close()
+                raise
             self._users = users
-            if not self._ping():
-                self._start(timeout)
 
     def _start(self, timeout: float) -> None:
         self.socket.unlink(missing_ok=True)

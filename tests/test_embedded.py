@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import redis
 
 from orchestrator.embedded import EmbeddedRedis
@@ -49,3 +50,22 @@ def test_a_crashed_user_does_not_keep_the_server_alive(tmp_path: Path) -> None:
     assert redis.Redis(unix_socket_path=str(mine.socket)).ping()
     mine.detach()  # and, being the only user left, stops it
     assert not mine.socket.exists()
+
+
+def test_a_failed_start_leaves_the_process_free_to_attach_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.embedded as embedded
+    from orchestrator.errors import ServiceUnavailable
+
+    server = EmbeddedRedis(tmp_path)
+    real = embedded._redis_server_binary
+    monkeypatch.setattr(embedded, "_redis_server_binary", lambda: str(tmp_path / "missing"))
+    with pytest.raises(ServiceUnavailable, match="cannot start"):
+        server.attach()
+    monkeypatch.setattr(embedded, "_redis_server_binary", real)
+    server.attach()  # it returned at once, counted as attached, with no server behind it
+    try:
+        assert redis.Redis(unix_socket_path=str(server.socket)).ping()
+    finally:
+        server.detach()
