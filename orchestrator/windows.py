@@ -8,7 +8,9 @@ the scheduler passes the wall clock, tests pass whatever instant they need.
 Durations are real elapsed seconds: a 5-hour window that opens at 01:00 local time on the night
 clocks go forward still lasts 5 hours. A cron occurrence at a local time that does not exist
 that night (02:30 when clocks jump from 02:00 to 03:00) fires at the same instant shifted past
-the gap, as APScheduler's CronTrigger computes it; one that exists twice fires once.
+the gap, as APScheduler's CronTrigger computes it; one at a fixed time that exists twice (01:30
+when clocks go back) fires once, at the first (``OnceCronTrigger``), while a wildcard one
+(``0 * * * *``) fires at both, as cron does.
 """
 
 from __future__ import annotations
@@ -106,6 +108,42 @@ def _crontab_weekdays(field: str) -> str:
     return ",".join(dict.fromkeys(out))
 
 
+class OnceCronTrigger(CronTrigger):
+    """A CronTrigger whose fixed-time occurrences fire once on the night clocks go back.
+
+    APScheduler fires ``30 1 * * *`` at both 01:30s of the repeated hour (the second one has
+    ``fold=1``). Like Vixie cron, a job at a fixed time (neither minute nor hour starting with
+    ``*``) fires at the first of them only; a wildcard job (``0 * * * *``, every hour) fires at
+    both, as each is a new hour of real time.
+    """
+
+    def __init__(self, *args: Any, once: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.once = once
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime
+                           ) -> datetime | None:
+        fire = super().get_next_fire_time(previous_fire_time, now)
+        while fire is not None and self.once and _second_of_two(fire):
+            fire = super().get_next_fire_time(None, fire.astimezone(UTC)
+                                              + timedelta(microseconds=1))
+        return fire
+
+    def __getstate__(self) -> dict[str, Any]:  # APScheduler's job store pickles triggers
+        return {**super().__getstate__(), "once": self.once}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        once = state.pop("once", True)
+        super().__setstate__(state)
+        self.once = once
+
+
+def _second_of_two(local: datetime) -> bool:
+    """The later of the two instants a wall-clock time names on the night clocks go back."""
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
 def cron_trigger(cron: str, timezone: str) -> CronTrigger:
     """APScheduler's trigger for a crontab expression: five fields (minute hour day month
     weekday), or six with a leading seconds field (``*/10 * * * * *``: every 10 seconds).
@@ -123,8 +161,9 @@ def cron_trigger(cron: str, timezone: str) -> CronTrigger:
         if len(fields) != 6:
             raise ValueError(f"got {len(fields)} fields, expected 5 or 6")
         second, minute, hour, day, month, weekday = fields
-        return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
-                           day_of_week=_crontab_weekdays(weekday), timezone=tz)
+        return OnceCronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
+                               day_of_week=_crontab_weekdays(weekday), timezone=tz,
+                               once=not (minute.startswith("*") or hour.startswith("*")))
     except (ValueError, TypeError) as e:
         raise InvalidWindow(
             f"cron {cron!r} is not a crontab expression (seconds optional, then minute "

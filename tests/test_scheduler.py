@@ -53,6 +53,20 @@ def test_latest_occurrence_on_an_injected_clock() -> None:
     assert latest_occurrence(hourly, at(2026, 5, 1, 10, 0)) == at(2026, 5, 1, 10)
     yearly = cron_trigger("0 0 1 1 *", "Europe/Paris")
     assert latest_occurrence(yearly, at(2026, 5, 1)) == at(2025, 12, 31, 23)
+    # In the hour London repeats (25 October 2026), stepping one second in local time lost
+    # the fold and found the same occurrence again, for ever (the scheduler hung).
+    london = cron_trigger("0 * * * *", "Europe/London")
+    assert latest_occurrence(london, at(2026, 10, 25, 1, 30)) == at(2026, 10, 25, 1)
+    daily = cron_trigger("30 1 * * *", "Europe/London")
+    assert latest_occurrence(daily, at(2026, 10, 25, 2)) == at(2026, 10, 25, 0, 30)
+    # A fixed-time schedule fires once that night (it fired at both 01:30s, two jobs).
+    fires, t = [], at(2026, 10, 24, 12)
+    for _ in range(3):
+        fire = daily.get_next_fire_time(None, t)
+        assert fire is not None
+        fires.append(fire.astimezone(UTC))
+        t = fires[-1] + timedelta(seconds=1)
+    assert fires == [at(2026, 10, 25, 0, 30), at(2026, 10, 26, 1, 30), at(2026, 10, 27, 1, 30)]
 
 
 def test_missed_occurrences_coalesce_and_each_occurrence_is_submitted_once(

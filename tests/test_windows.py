@@ -42,6 +42,23 @@ def test_a_nightly_london_window_keeps_local_time_across_the_spring_dst_change()
     assert w.closes_at(at(2026, 3, 28, 12)) is None
 
 
+def test_a_local_time_that_exists_twice_opens_once_when_clocks_go_back() -> None:
+    # London goes back from 02:00 BST to 01:00 GMT on 25 October 2026: 01:00 local is both
+    # 00:00 and 01:00 UTC. The window opened at both, one 6-hour opening of a 5-hour window.
+    w = WindowSpec.build("nightly", cron="0 1 * * *", duration="5h", timezone="Europe/London")
+    assert w.opening(at(2026, 10, 25, 3)) == (at(2026, 10, 25, 0), at(2026, 10, 25, 5))
+    assert w.next_open(at(2026, 10, 25, 5)) == at(2026, 10, 26, 1)
+    short = WindowSpec.build("short", cron="30 1 * * *", duration="10m",
+                             timezone="Europe/London")
+    assert [o for o, _ in short.openings(at(2026, 10, 24, 12), 3)] == [
+        at(2026, 10, 25, 0, 30), at(2026, 10, 26, 1, 30), at(2026, 10, 27, 1, 30)]
+    # An every-hour window opens in both of the repeated hours: each is an hour of real time.
+    hourly = WindowSpec.build("hourly", cron="0 * * * *", duration="10m",
+                              timezone="Europe/London")
+    assert [o for o, _ in hourly.openings(at(2026, 10, 24, 23, 30), 3)] == [
+        at(2026, 10, 25, 0), at(2026, 10, 25, 1), at(2026, 10, 25, 2)]
+
+
 def test_a_local_time_that_does_not_exist_fires_just_after_the_gap() -> None:
     # New York skips 02:00-03:00 on 8 March 2026: 02:30 EST would be 07:30 UTC.
     w = WindowSpec.build("ny", cron="30 2 * * *", duration="1h", timezone="America/New_York")

@@ -85,8 +85,8 @@ def latest_occurrence(trigger: CronTrigger, now: datetime) -> datetime | None:
         fire = trigger.get_next_fire_time(None, now - lookback)
         if fire is None or fire > now:
             continue
-        while True:
-            after = trigger.get_next_fire_time(None, fire + timedelta(seconds=1))
+        while True:  # stepped in UTC: local time + 1 s lost the fold of a repeated hour
+            after = trigger.get_next_fire_time(None, fire.astimezone(UTC) + timedelta(seconds=1))
             if after is None or after > now:
                 return fire.astimezone(UTC)
             fire = after
