@@ -247,18 +247,24 @@ class TenantStore:
         return money_from_sum(total, dialect).normalize()
 
 
+#: the largest weight or burst (a 32-bit integer in the database)
+MAX_INT: Final = 2**31 - 1
+#: budgets are stored as NUMERIC(18, 8): below this
+MAX_BUDGET: Final = Decimal("1e10")
+
+
 def _validate(q: TenantQuotas) -> None:
-    if q.weight < 1:
-        raise InvalidOption("weight must be 1 or more")
+    if not 1 <= q.weight <= MAX_INT:
+        raise InvalidOption(f"weight must be from 1 to {MAX_INT}")
     if q.rate_per_s is not None and not (q.rate_per_s > 0 and math.isfinite(q.rate_per_s)):
         raise InvalidOption("rate must be a positive number of submissions per second")
-    if q.burst is not None and q.burst < 1:
-        raise InvalidOption("burst must be 1 or more")
+    if q.burst is not None and not 1 <= q.burst <= MAX_INT:
+        raise InvalidOption(f"burst must be from 1 to {MAX_INT}")
     if q.burst is not None and q.rate_per_s is None:
         raise InvalidOption("burst needs a rate (set --rate too)")
-    if q.monthly_budget is not None and not (q.monthly_budget >= 0
-                                             and q.monthly_budget.is_finite()):
-        raise InvalidOption("budget must be 0 or more")
+    if q.monthly_budget is not None and not (q.monthly_budget.is_finite()
+                                             and 0 <= q.monthly_budget < MAX_BUDGET):
+        raise InvalidOption(f"budget must be 0 or more and below {MAX_BUDGET:,.0f}")
 
 
 def parse_budget(text: str) -> Decimal:

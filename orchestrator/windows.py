@@ -53,6 +53,12 @@ class _KindDefault:
 KIND_DEFAULT: Final = _KindDefault()
 
 
+#: the longest window (about 68 years: its seconds fit the database's 32-bit integer)
+MAX_DURATION_S: Final = 2**31 - 1
+#: the most slots a window can have (a 32-bit integer in the database)
+MAX_SLOTS: Final = 2**31 - 1
+
+
 def parse_duration(value: Any) -> int:
     """Seconds from an int, or from text such as ``"5h"``, ``"90m"``, ``"1h30m"``, ``"3600"``.
 
@@ -73,6 +79,9 @@ def parse_duration(value: Any) -> int:
             f"duration {value!r} is not a duration: give seconds or e.g. '5h', '90m', '1h30m'")
     if seconds <= 0:
         raise InvalidWindow(f"duration must be positive, got {value!r}")
+    if seconds > MAX_DURATION_S:  # stored as a 32-bit integer
+        raise InvalidWindow(f"duration must be at most {MAX_DURATION_S // 86400} days, "
+                            f"got {value!r}")
     return seconds
 
 
@@ -211,7 +220,10 @@ def _multiplier(value: Any) -> Decimal:
         raise InvalidWindow(f"price_multiplier {value!r} is not a number") from None
     if not number.is_finite() or number < 0 or number >= Decimal("1000000"):
         raise InvalidWindow(f"price_multiplier must be between 0 and 999999, got {value!r}")
-    return number.quantize(Decimal("0.0001"))
+    quantized = number.quantize(Decimal("0.0001"))  # rounded as stored, then checked again
+    if quantized >= Decimal("1000000"):
+        raise InvalidWindow(f"price_multiplier must be between 0 and 999999, got {value!r}")
+    return quantized
 
 
 @dataclass(frozen=True)
@@ -271,8 +283,9 @@ class WindowSpec:
             raise InvalidWindow(f"window {name!r}: give a cron and a duration (recurring) or "
                                 "starts_at and ends_at (one-off)")
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
-                                  or slots < 1):
-            raise InvalidWindow(f"window {name!r}: slots must be a whole number of at least 1")
+                                  or not 1 <= slots <= MAX_SLOTS):
+            raise InvalidWindow(f"window {name!r}: slots must be a whole number from 1 to "
+                                f"{MAX_SLOTS}")
         return cls(name=name, cron=cron, duration_s=duration_s, starts_at=starts_at,
                    ends_at=ends_at, timezone=timezone, tiers=_tiers(tiers), kinds=_kinds(kinds),
                    slots=slots, price_multiplier=_multiplier(price_multiplier), source=source,

@@ -140,6 +140,11 @@ def test_since_accepts_spans_and_dates_and_refuses_the_rest() -> None:
     assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
     with pytest.raises(InvalidOption, match="--since 'yesterday'"):
         parse_since("yesterday", now)
+    for span in ("800000d", "9999999999d"):  # raw OverflowError before
+        with pytest.raises(InvalidOption, match="past the calendar"):
+            parse_since(span, now)
+    with pytest.raises(InvalidOption, match="future"):  # silently an empty report before
+        parse_since("2027-01-01", now)
 
 
 def test_costs_cli_json_csv_chart_and_html(client: Client, tmp_path: Path) -> None:

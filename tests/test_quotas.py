@@ -154,6 +154,13 @@ def test_quota_values_are_validated(client: Client) -> None:
         store.set("acme", rate_per_s=0)
     with pytest.raises(InvalidOption, match="budget"):
         store.set("acme", monthly_budget=Decimal("-1"))
+    # Past what the columns hold: a raw DataError on PostgreSQL, stored as given on SQLite.
+    with pytest.raises(InvalidOption, match="budget"):
+        store.set("acme", monthly_budget=Decimal("1e12"))
+    with pytest.raises(InvalidOption, match="burst"):
+        store.set("acme", rate_per_s=1, burst=3_000_000_000)
+    with pytest.raises(InvalidOption, match="weight"):
+        store.set("acme", weight=3_000_000_000)
     assert store.get("acme") is None  # nothing half-set
 
 

@@ -131,6 +131,21 @@ def test_bad_window_definitions_are_refused_with_the_field_named(
         WindowSpec.build("w", **fields)
 
 
+def test_values_the_database_cannot_hold_are_refused_before_it() -> None:
+    # 999999.99999 passed the range check, was rounded to 1000000.0000 and stored: every
+    # later read of the windows failed (SQLite) or the insert raised a DataError (PostgreSQL).
+    for fields, message in [
+        ({"price_multiplier": "999999.99999"}, "price_multiplier"),
+        ({"duration": "99999d"}, "duration must be at most"),
+        ({"slots": 3_000_000_000}, "slots"),
+    ]:
+        with pytest.raises(InvalidWindow, match=message):
+            WindowSpec.build("w", **{"cron": "0 1 * * *", "duration": "1h", **fields})
+    assert WindowSpec.build("w", cron="0 1 * * *", duration="1h",
+                            price_multiplier="999999.9999").price_multiplier == \
+        Decimal("999999.9999")
+
+
 def test_window_names_are_checked_and_none_is_reserved() -> None:
     for name in ("none", "", "a b", "x" * 65, "nightly\n"):
         with pytest.raises(InvalidWindow, match="name"):

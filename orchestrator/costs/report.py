@@ -39,14 +39,20 @@ def parse_since(text: str, now: datetime) -> datetime:
     """
     match = _SINCE.match(text.strip().lower())
     if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:  # before year 1
+            raise InvalidOption(f"--since {text!r} reaches back past the calendar") from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise InvalidOption(
             f"--since {text!r}: write a span such as 7d, 12h, 30m, 2w, or a date 2026-11-01"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when > now:
+        raise InvalidOption(f"--since {text!r} is in the future: nothing has cost anything yet")
+    return when
 
 
 @dataclass(frozen=True)
