@@ -305,7 +305,7 @@ class Client:
             if spec.window is None:
                 return None
             default = self.windows.get(spec.window)
-            return default if default.admits(tier.value, spec.name) else None
+            return _opens_again(default) if default.admits(tier.value, spec.name) else None
         if window is None or window == NO_WINDOW_NAME:
             return None
         if not isinstance(window, str):
@@ -316,7 +316,7 @@ class Client:
                 f"window {window!r} admits tiers {', '.join(chosen.tiers or ('all',))} and "
                 f"kinds {', '.join(chosen.kinds or ('all',))}; this job is a {tier.value} "
                 f"{spec.name!r} job")
-        return chosen
+        return _opens_again(chosen)
 
     def _admit(self, tier: Tier, tenant: str, idempotency_key: str | None, *,
                shed: bool = True) -> None:
@@ -469,6 +469,15 @@ def _parse_tier(tier: Tier | str) -> Tier:
         raise InvalidOption(
             f"unknown tier {tier!r}; choose from interactive, nearline, offline"
         ) from None
+
+
+def _opens_again(window: WindowSpec) -> WindowSpec:
+    """Raises: InvalidOption: the window will never open again (a job would wait for ever)."""
+    if window.next_open(utcnow()) is None:
+        raise InvalidOption(f"window {window.name!r} will not open again (a one-off window "
+                            "that has ended, or a cron that matches no date); nothing was "
+                            "stored")
+    return window
 
 
 def _check_tenant(tenant: str) -> None:

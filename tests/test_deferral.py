@@ -83,6 +83,23 @@ def test_an_unknown_window_is_refused_and_nothing_is_stored(client: Client) -> N
         client.submit("echo", {"x": 1}, window=3)  # type: ignore[arg-type]
 
 
+def test_a_window_that_will_not_open_again_is_refused_and_nothing_is_stored(
+    client: Client, catalog: WindowCatalog
+) -> None:
+    now = utcnow()
+    catalog.add(WindowSpec.build("feb30", cron="0 0 30 2 *", duration="1h"))
+    catalog.add(WindowSpec.build("over", starts_at=now - timedelta(days=2),
+                                 ends_at=now - timedelta(days=1)))
+    # Deferred for ever before, holding the tenant's in-flight quota.
+    for name in ("feb30", "over"):
+        with pytest.raises(InvalidOption, match="will not open again"):
+            client.submit("echo", {"x": 1}, window=name, idempotency_key=name)
+        with pytest.raises(InvalidOption, match="will not open again"):
+            client.submit_bulk("upper", ["a"], window=name)
+        assert client.services.store.find_by_key("default", name) is None
+    assert client.services.store.find(state="deferred") == []
+
+
 def test_release_follows_priority_then_age_and_never_exceeds_the_slots(
     client: Client, catalog: WindowCatalog, keeper: WindowKeeper, runtime: Runtime,
     redis_client: redis.Redis, tmp_path: Path
