@@ -107,7 +107,8 @@ def submit_bulk(
     )
     # Load shedding (not for a job that waits for its window in the database, as for submit)
     # and quotas; nothing is stored yet.
-    client._admit(tier, tenant, idempotency_key, shed=window is None)
+    # The rate is only looked at here, and spent once every item is in and valid.
+    client._admit(tier, tenant, idempotency_key, shed=window is None, spend_rate=False)
     parent_id, created = store.create(parent)
     if not created:
         existing = store.get(parent_id)
@@ -128,6 +129,7 @@ def submit_bulk(
                 items_total=len(chunk), chunk_index=index, state=JobState.DEFERRED,
             ))
             total += len(chunk)
+        client._quotas.spend_rate(tenant)
     except BaseException:
         store.delete_bulk(parent_id)
         raise

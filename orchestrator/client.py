@@ -319,7 +319,7 @@ class Client:
         return _opens_again(chosen)
 
     def _admit(self, tier: Tier, tenant: str, idempotency_key: str | None, *,
-               shed: bool = True) -> None:
+               shed: bool = True, spend_rate: bool = True) -> None:
         """Refuse a submit that the tier's load or the tenant's quotas do not allow.
 
         Runs before anything is stored. A submit whose idempotency key already names a job
@@ -333,7 +333,8 @@ class Client:
             return
         load = self._admission.check(tier) if shed else None
         # The admission check's one round trip also read the quota version.
-        self._quotas.check(tenant, tier, version=UNREAD if load is None else load.also_read)
+        self._quotas.check(tenant, tier, version=UNREAD if load is None else load.also_read,
+                           spend_rate=spend_rate)
 
     @_reachable
     def chunks(self, job_id: str) -> list[JobView]:

@@ -313,12 +313,14 @@ class Quotas:
         self._cache[tenant] = (quotas, seen, now)
         return quotas
 
-    def check(self, tenant: str, tier: Tier, *, version: bytes | _Unread | None = UNREAD
-              ) -> None:
+    def check(self, tenant: str, tier: Tier, *, version: bytes | _Unread | None = UNREAD,
+              spend_rate: bool = True) -> None:
         """Admit one more submit of ``tenant`` to ``tier`` or refuse it.
 
         The rate is checked last, so a submit refused by another quota does not use it up.
         ``version``: ``VERSION_KEY``'s value, when the caller has just read it.
+        ``spend_rate=False``: only look whether the rate has room (a bulk submit spends it
+        with ``spend_rate`` once its items are all in and valid).
 
         Raises:
             QuotaExceeded: names the quota that refused it.
@@ -336,6 +338,17 @@ class Quotas:
         if quotas.monthly_budget is not None:
             self._check_budget(tenant, quotas.monthly_budget)
         if quotas.rate_per_s is not None:
+            self._check_rate(tenant, quotas.rate_per_s, quotas.burst, spend=spend_rate)
+
+    def spend_rate(self, tenant: str) -> None:
+        """Use one submission of the tenant's rate (see ``check``).
+
+        Raises:
+            QuotaExceeded: the rate has no room (other submits took it meanwhile).
+            ServiceUnavailable: Redis does not answer.
+        """
+        quotas = self._quotas(tenant)
+        if quotas is not None and quotas.rate_per_s is not None:
             self._check_rate(tenant, quotas.rate_per_s, quotas.burst)
 
     def _check_budget(self, tenant: str, budget: Decimal) -> None:
@@ -360,10 +373,11 @@ class Quotas:
             self.redis.set(key, str(spent), ex=SPEND_CACHE_S)
         return spent
 
-    def _check_rate(self, tenant: str, rate: float, burst: int | None) -> None:
+    def _check_rate(self, tenant: str, rate: float, burst: int | None, *,
+                    spend: bool = True) -> None:
         item = rate_item(rate, burst)
         try:
-            if self._limiter.hit(item, tenant):
+            if (self._limiter.hit if spend else self._limiter.test)(item, tenant):
                 return
             stats = self._limiter.get_window_stats(item, tenant)
         except redis.RedisError as e:

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 
 from orchestrator import Client
 from orchestrator.db.models import jobs
-from orchestrator.errors import InvalidOption, QuotaExceeded
+from orchestrator.errors import InvalidOption, InvalidPayload, QuotaExceeded
 from orchestrator.quotas import TenantStore, month_start, next_month_start, rate_item
 from orchestrator.settings import Settings
 
@@ -98,6 +98,18 @@ def test_a_refused_submit_does_not_use_up_the_rate(
             client.submit("echo", {}, tenant="acme", tier="offline")
     client.submit("echo", {}, tenant="acme")
     client.submit("echo", {}, tenant="acme")
+
+
+def test_a_bulk_submit_refused_for_a_bad_item_does_not_use_up_the_rate(
+    client: Client
+) -> None:
+    _tenants(client).set("acme", rate_per_s=0.1)  # one submission per 10 s
+    with pytest.raises(InvalidPayload):
+        client.submit_bulk("upper", ["fine", 5], tenant="acme")  # the rate was spent first
+    bulk = client.submit_bulk("upper", ["fine"], tenant="acme")
+    assert bulk.created
+    with pytest.raises(QuotaExceeded, match="rate"):  # that one did spend it
+        client.submit("echo", {}, tenant="acme")
 
 
 @pytest.mark.parametrize(("rate", "burst", "amount", "window"), [
