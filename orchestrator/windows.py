@@ -22,6 +22,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from orchestrator.errors import InvalidWindow
@@ -108,6 +110,8 @@ def _crontab_weekdays(field: str) -> str:
         if not numeric:
             out.append(part)
             continue
+        if base != "*" and step and "-" not in base:  # N/S: from N to the week's end
+            base = f"{base}-6"
         first, _, last = ("0-6" if base == "*" else base).partition("-")
         days = list(range(int(first), int(last or first) + 1))
         if not days:
@@ -153,26 +157,41 @@ def _second_of_two(local: datetime) -> bool:
     return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
-def cron_trigger(cron: str, timezone: str) -> CronTrigger:
+#: one comma-separated term of a crontab field: ``*``, a number or name, a range, a step
+_CRON_TERM = re.compile(r"(?:\*|(?:\d+|[a-z]{3})(?:-(?:\d+|[a-z]{3}))?)(?:/\d+)?")
+
+
+def cron_trigger(cron: str, timezone: str) -> BaseTrigger:
     """APScheduler's trigger for a crontab expression: five fields (minute hour day month
     weekday), or six with a leading seconds field (``*/10 * * * * *``: every 10 seconds).
-    Weekday numbers mean what they mean in crontab (0 and 7 are Sunday), not APScheduler 3's
-    Monday-first numbering.
+    It means what crontab means: weekday numbers count from Sunday (0 and 7), not from
+    Monday as in APScheduler 3; with both day of month and weekday restricted (neither
+    starting with ``*``), a day that matches either fires (``0 1 1 * 1``: the 1st and every
+    Monday), where APScheduler wants both; ``N/S`` steps from N to the field's end.
 
     Raises:
         InvalidWindow: the expression or the timezone is malformed.
     """
     tz = check_timezone(timezone)
     try:
-        fields = cron.split() if isinstance(cron, str) else []
+        fields = cron.lower().split() if isinstance(cron, str) else []
         if len(fields) == 5:
             fields.insert(0, "0")
         if len(fields) != 6:
             raise ValueError(f"got {len(fields)} fields, expected 5 or 6")
+        for field_ in fields:  # APScheduler reads a term's prefix: "mon#1" was Monday
+            for term in field_.split(","):
+                if not _CRON_TERM.fullmatch(term):
+                    raise ValueError(f"{term!r} is not a crontab term")
         second, minute, hour, day, month, weekday = fields
-        return OnceCronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
-                               day_of_week=_crontab_weekdays(weekday), timezone=tz,
-                               once=not (minute.startswith("*") or hour.startswith("*")))
+        common: dict[str, Any] = {
+            "second": second, "minute": minute, "hour": hour, "month": month, "timezone": tz,
+            "once": not (minute.startswith("*") or hour.startswith("*"))}
+        days = _crontab_weekdays(weekday)
+        if day.startswith("*") or weekday.startswith("*"):
+            return OnceCronTrigger(day=day, day_of_week=days, **common)
+        return OrTrigger([OnceCronTrigger(day=day, day_of_week="*", **common),
+                          OnceCronTrigger(day="*", day_of_week=days, **common)])
     except (ValueError, TypeError) as e:
         raise InvalidWindow(
             f"cron {cron!r} is not a crontab expression (seconds optional, then minute "
@@ -242,7 +261,7 @@ class WindowSpec:
     price_multiplier: Decimal
     #: where it was defined: "database" (the CLI), "config" (the config file) or "built-in"
     source: str = "database"
-    _trigger: CronTrigger | None = field(default=None, compare=False, repr=False)
+    _trigger: BaseTrigger | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, name: str, *, cron: str | None = None, duration: Any = None,

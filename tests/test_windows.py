@@ -73,6 +73,25 @@ def test_the_same_cron_opens_at_different_instants_in_different_timezones() -> N
     assert utc.next_open(at(2026, 6, 1, 0)) == at(2026, 6, 1, 22)
 
 
+def test_day_and_weekday_both_set_mean_either_as_in_crontab() -> None:
+    first_or_monday = WindowSpec.build("fm", cron="0 1 1 * 1", duration="1h")
+    # APScheduler alone wanted both: only Mondays that fall on the 1st.
+    assert [o for o, _ in first_or_monday.openings(at(2026, 6, 22), 3)] == [
+        at(2026, 6, 22, 1), at(2026, 6, 29, 1), at(2026, 7, 1, 1)]  # Mon, Mon, Wed 1st
+    mondays = WindowSpec.build("m", cron="0 1 * * 1", duration="1h")  # day "*": weekday only
+    assert mondays.next_open(at(2026, 7, 1)) == at(2026, 7, 6, 1)
+    every_other = WindowSpec.build("eo", cron="0 1 * * 1/2", duration="1h")  # from Monday on
+    assert [o.strftime("%a") for o, _ in every_other.openings(at(2026, 6, 1), 4)] == [
+        "Mon", "Wed", "Fri", "Mon"]
+
+
+def test_terms_crontab_does_not_know_are_refused() -> None:
+    # APScheduler read a term's prefix: "mon#1" and "fri;rm" were every Monday / Friday.
+    for cron in ("0 1 * * mon#1", "0 1 * * fri;rm", "0 1 ? * *", "0 1 L * *"):
+        with pytest.raises(InvalidWindow, match="not a crontab"):
+            WindowSpec.build("w", cron=cron, duration="1h")
+
+
 def test_crontab_weekday_numbers_mean_what_they_mean_in_crontab() -> None:
     sundays = WindowSpec.build("sun", cron="0 1 * * 0", duration="1h")
     weekdays = WindowSpec.build("wk", cron="0 1 * * 1-5", duration="1h")

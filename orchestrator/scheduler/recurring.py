@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -59,7 +59,7 @@ class ScheduleSpec:
     last_occurrence: datetime | None = None
     last_job_id: str | None = None
 
-    def trigger(self) -> CronTrigger:
+    def trigger(self) -> BaseTrigger:
         return cron_trigger(self.cron, self.timezone)
 
     def submit_window(self) -> Any:
@@ -79,7 +79,7 @@ def occurrence_key(name: str, occurrence: datetime) -> str:
     return f"schedule:{name}:{occurrence.astimezone(UTC).isoformat()}"
 
 
-def latest_occurrence(trigger: CronTrigger, now: datetime) -> datetime | None:
+def latest_occurrence(trigger: BaseTrigger, now: datetime) -> datetime | None:
     """The last time ``trigger`` fired at or before ``now`` (None: never, as far as 8 years)."""
     for lookback in _LOOKBACKS:
         fire = trigger.get_next_fire_time(None, now - lookback)
