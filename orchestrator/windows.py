@@ -246,6 +246,9 @@ def _multiplier(value: Any) -> Decimal:
     quantized = number.quantize(Decimal("0.0001"))  # rounded as stored, then checked again
     if quantized >= Decimal("1000000"):
         raise InvalidWindow(f"price_multiplier must be between 0 and 999999, got {value!r}")
+    if number and not quantized:  # would make the window's compute free
+        raise InvalidWindow(f"price_multiplier {value!r} rounds to 0 (4 decimal places); give "
+                            "0 for free, or at least 0.0001")
     return quantized
 
 

@@ -224,3 +224,10 @@ def test_a_quota_change_reaches_a_running_client_at_its_next_submit(
             "acme", max_inflight={"interactive": 1})
         with pytest.raises(QuotaExceeded):
             client.submit("echo", {"n": 2}, tenant="acme")
+
+
+def test_cli_errors_print_their_brackets(client: Client) -> None:
+    shown = _cli("windows", "show", "weekend", env=client.settings.to_env())
+    assert shown.returncode != 0
+    # rich read "[windows]" as markup and dropped it from the message.
+    assert "config file's [windows] section" in " ".join(shown.stderr.split())

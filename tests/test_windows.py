@@ -159,6 +159,7 @@ def test_values_the_database_cannot_hold_are_refused_before_it() -> None:
         ({"price_multiplier": "999999.99999"}, "price_multiplier"),
         ({"duration": "99999d"}, "duration must be at most"),
         ({"slots": 3_000_000_000}, "slots"),
+        ({"price_multiplier": "0.00004"}, "rounds to 0"),  # made the window's compute free
     ]:
         with pytest.raises(InvalidWindow, match=message):
             WindowSpec.build("w", **{"cron": "0 1 * * *", "duration": "1h", **fields})

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.cli import (
     costs_cmd,
@@ -55,7 +56,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except OrchestratorError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")

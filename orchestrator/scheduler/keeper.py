@@ -74,7 +74,9 @@ class WindowKeeper:
         return released
 
     def _release(self, name: str, now: datetime) -> list[str]:
-        window = self.catalog.all()[name]
+        window = self.catalog.all().get(name)
+        if window is None:  # removed since this tick read the windows: nothing to release
+            return []
         engine = self.services.engine
         free = None if window.slots is None else window.slots - window_load(engine, name)
         if free is not None and free <= 0:
