@@ -168,6 +168,18 @@ def test_embed_and_score_run_end_to_end_on_all_three_tiers(
     assert {j.tier for j in jobs} == {"interactive", "nearline", "offline"}
 
 
+def test_an_exported_model_truncates_texts_where_its_manifest_says(models: Path) -> None:
+    from workers.models.embedding import EmbeddingModel
+
+    long = " ".join(["word"] * 300)
+    plain = EmbeddingModel.from_dir(models, "int8", name="tiny")
+    assert plain.count_tokens([long]) == [128]  # no manifest: the constructor's default
+    # MiniLM's export says 256, as the reference model truncates (a 200-token text embedded
+    # at 128 had cosine 0.92 with the reference; at 256, 1.0).
+    (models / "tiny" / "manifest.json").write_text('{"name": "tiny", "max_length": 256}')
+    assert EmbeddingModel.from_dir(models, "int8", name="tiny").count_tokens([long]) == [256]
+
+
 def test_arrays_are_stored_as_bytes_and_come_back_exactly() -> None:
     import json
 

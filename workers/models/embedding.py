@@ -23,6 +23,8 @@ batch-invariant; choose it (``ORCH_EMBED_VARIANT=fp32``) where vectors must be r
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,10 @@ class EmbeddingModel:
             ConfigurationError: the files are not there (run ``orchestrator models export``).
         """
         model_path, tokenizer_path = embedding_files(Path(model_dir), name, variant)
+        manifest = model_path.parent / "manifest.json"
+        if "max_length" not in kw and manifest.is_file():  # as exported (256 for MiniLM)
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                kw["max_length"] = int(json.loads(manifest.read_text())["max_length"])
         return cls(model_path, tokenizer_path, name=name, **kw)
 
     @property

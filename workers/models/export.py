@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 OPSET = 17
-MAX_LENGTH = 128
+#: word pieces per text, as the reference truncates them (its max_seq_length)
+MAX_LENGTH = 256
 FP32_MIN_MEAN_COSINE = 0.999
 INSTALL_HINT = (
     "exporting MiniLM needs the 'export' extra; install it in one command so pip keeps the CPU "
