@@ -11,7 +11,7 @@ import typer
 
 def scheduler(
     holder: str = typer.Option(None, "--name", help="this scheduler's name in the lease "
-                               "(default: host:pid)"),
+                               "(default: host:pid:<random id>)"),
     metrics_port: int = typer.Option(None, "--metrics-port", min=1, max=65535,
                                      help="serve the scheduler's Prometheus metrics (and the "
                                      "deployment's gauges) on this port"),

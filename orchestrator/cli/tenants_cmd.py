@@ -70,7 +70,8 @@ def set_tenant(
     weight: int = typer.Option(None, "--weight", min=1, help="fair-share weight of bulk work"),
     max_inflight: list[str] = typer.Option(
         None, "--max-inflight", metavar="TIER=N",
-        help="most submissions queued or running in a tier (repeat per tier; N=none removes)"),
+        help="most submissions deferred, queued or running in a tier (repeat per tier; "
+             "N=none removes)"),
     rate: str = typer.Option(None, "--rate", help="submissions per second ('none' removes)"),
     burst: str = typer.Option(None, "--burst", help="submissions at once (default: the rate)"),
     budget: str = typer.Option(None, "--budget", help="cost per calendar month ('none' removes)"),

@@ -24,7 +24,7 @@ def worker(
         2, "--concurrency", "-c", min=1, help="pool processes (job slots)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Celery log level"),
     hostname: str = typer.Option(
-        None, "--hostname", "-n", help="worker name (default: tiers@host)"),
+        None, "--hostname", "-n", help="worker name (default: <tiers>-<pid>@<host>)"),
     metrics_port: int = typer.Option(
         None, "--metrics-port", min=1, max=65535,
         help="serve the pool's Prometheus metrics on this port (/metrics)"),
