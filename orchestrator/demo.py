@@ -35,6 +35,8 @@ from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
 
 TENANTS = ("acme", "globex", "initech")
+#: the words of the demo's texts (and of the tiny model's vocabulary, when it builds one)
+DEMO_WORDS = ("orchestrator", "queue", "tier", "batch", "embedding", "window", "tenant", "cost")
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,16 @@ def prepare_models(settings: Settings, console: Console) -> str | None:
     if real.exists():
         return "all-MiniLM-L6-v2"
     tiny = settings.model_dir / "demo-tiny"
-    if not (tiny / f"model-{settings.embed_variant}.onnx").exists():
+    tokenizer = tiny / "tokenizer.json"
+    # Its vocabulary holds the demo's words (one built before did not: every demo text was
+    # unknown words, one vector for all, and the search found nothing to tell apart).
+    if not (tiny / f"model-{settings.embed_variant}.onnx").exists() or \
+            not tokenizer.exists() or f'"{DEMO_WORDS[0]}"' not in tokenizer.read_text():
+        from workers.models.builders import DEFAULT_VOCAB
+
         tiny.mkdir(parents=True, exist_ok=True)
-        model_path, tokenizer_path = build_tiny_embedding_model(tiny / "build")
+        model_path, tokenizer_path = build_tiny_embedding_model(
+            tiny / "build", vocab=[*DEFAULT_VOCAB, *DEMO_WORDS, "request"])
         model_path.replace(tiny / f"model-{settings.embed_variant}.onnx")
         tokenizer_path.replace(tiny / "tokenizer.json")
     console.print("using a tiny demo embedding model (`orchestrator models export` makes "
@@ -102,7 +111,7 @@ def plan_workload(rng: random.Random, run: str) -> tuple[list[Planned], list[Pla
 
 def plan_model_work(model: str, run: str) -> list[Planned]:
     """Single-text embeddings (interactive and nearline) and small scoring jobs, interleaved."""
-    words = ["orchestrator", "queue", "tier", "batch", "embedding", "window", "tenant", "cost"]
+    words = DEMO_WORDS
     out = []
     for i in range(60):
         text = f"{words[i % 8]} {words[(i * 3) % 8]} request {i}"
@@ -209,7 +218,7 @@ def _window_step(client: Client, settings: Settings, console: Console, jobs: lis
         console.print(f"  released by the scheduler {delay:.2f}s after the window opened; "
                       f"{done.state}, cost {done.cost or 0:f}")
         if model is not None and embedded and done.state == JobState.SUCCEEDED:
-            search = submit_search(client, run, queries=["a question about the demo"], k=3,
+            search = submit_search(client, run, queries=["tenant cost request"], k=3,
                                    tenant="acme")
             hits = search.result(timeout=30)["hits"][0]
             console.print(f"  interactive search on index {run}: top {len(hits)} of "

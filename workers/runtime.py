@@ -677,7 +677,9 @@ class Runtime:
                  claim.job_id, finish.checkpoint, finish.wall_seconds, claim.tier)
 
     def _success(self, claim: Claim, result: Any, cpu: float, wall: float) -> Finish:
-        items = len(result) if isinstance(result, list | tuple) or hasattr(result, "shape") else 1
+        # (a 0-d array or numpy scalar has a shape but no len: one item)
+        items = len(result) if isinstance(result, list | tuple) or \
+            getattr(result, "ndim", 0) > 0 else 1
         ref = None
         if claim.parent_id is not None:
             # A chunk's rows go to a file, not through the JSON check the other results pass
