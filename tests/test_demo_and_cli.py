@@ -97,6 +97,19 @@ def test_cli_errors_are_one_line_and_exit_non_zero(client: Client) -> None:
         bad_setting.stderr)
 
 
+def test_a_worker_on_an_unmigrated_database_refuses_to_start(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # It said "ready", took the queue's messages, failed each with "worker process was not
+    # initialised" and acknowledged it: its jobs waited in the database with nothing to send
+    # them again.
+    env = {"ORCH_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}",
+           "ORCH_BROKER_URL": redis_url, "ORCH_STATE_DIR": str(tmp_path)}
+    done = _cli("worker", "--tiers", "interactive", "--concurrency", "1", env=env, timeout=60)
+    assert done.returncode == 1 and "run `orchestrator db upgrade`" in done.stderr
+    assert "ready" not in done.stderr + done.stdout
+
+
 def test_db_upgrade_migrates_a_new_sqlite_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     done = _cli("db", "upgrade", env={"ORCH_DATABASE_URL": url,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from orchestrator.batching import BATCH_TASK
@@ -22,13 +24,16 @@ from orchestrator.broker import RUN_TASK, make_celery
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.metrics import ENV as METRICS_ENV
 from orchestrator.metrics import mark_process_dead, serve
-from orchestrator.services import Services
+from orchestrator.services import Services, open_database
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
 from workers.registry import Heartbeat
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: a pool process that cannot start waits this long before it puts a message back
+REJECT_PAUSE_S = 1.0
 
 
 class _ProcessRuntime:
@@ -58,7 +63,16 @@ class _ProcessRuntime:
 
     def get(self) -> Runtime:
         if self.runtime is None:
-            raise RuntimeError("worker process was not initialised (worker_process_init)")
+            # Its start failed (the database or Redis did not answer when the pool forked):
+            # try again, and if it still fails put the message back rather than acknowledge
+            # it as run (its jobs would wait in the database with nothing to send them again).
+            try:
+                self.start()
+            except Exception as e:
+                log.error("worker process cannot start, message put back: %s", e)
+                time.sleep(REJECT_PAUSE_S)  # not a hot loop of redeliveries
+                raise Reject(f"worker process cannot start: {e}", requeue=True) from e
+        assert self.runtime is not None
         return self.runtime
 
 
@@ -99,6 +113,12 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
     embedded = EmbeddedRedis(settings.state_dir) if settings.embedded_broker else None
     if embedded is not None:
         embedded.attach()
+    try:  # refuse to start, rather than take messages it cannot run
+        open_database(settings).dispose()
+    except BaseException:
+        if embedded is not None:
+            embedded.detach()
+        raise
     # The pid keeps two workers on one host apart (Celery, the registry and attempts use it).
     name = hostname or f"{'-'.join(t.value for t in tiers)}-{os.getpid()}@{socket.gethostname()}"
     try:
