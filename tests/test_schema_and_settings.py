@@ -43,6 +43,104 @@ def test_downgrade_then_upgrade_round_trips(tmp_path: Path) -> None:
         engine.dispose()
 
 
+def test_a_sqlite_downgrade_keeps_the_rows_of_tables_it_rebuilds(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    now = "2026-11-25 12:00:00"
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"INSERT INTO tenants(name, weight, created_at) "
+                                 f"VALUES ('t', 1, '{now}')")
+            conn.exec_driver_sql(
+                "INSERT INTO jobs(id, tenant, kind, tier, state, priority, payload, attempts, "
+                "max_attempts, created_at, items_done, cpu_seconds, wall_seconds, items, "
+                f"preemptions) VALUES ('j1', 't', 'k', 'offline', 'queued', 0, '{{}}', 1, 3, "
+                f"'{now}', 0, 0, 0, 0, 0)")
+            conn.exec_driver_sql("INSERT INTO attempts(job_id, number, worker, started_at, "
+                                 f"outcome) VALUES ('j1', 1, 'w', '{now}', 'running')")
+    finally:
+        engine.dispose()
+    # Rebuilding jobs with foreign keys enforced deleted its attempts (ON DELETE CASCADE),
+    # and 0004 -> 0003 failed outright.
+    for revision in ("0006", "0003"):
+        downgrade(url, revision)
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT count(*) FROM attempts").scalar() == 1
+                assert conn.exec_driver_sql("SELECT count(*) FROM jobs").scalar() == 1
+        finally:
+            engine.dispose()
+    upgrade(url)
+
+
+@pytest.mark.postgres
+def test_two_upgrades_at_once_on_postgresql_take_turns(postgres_url: str) -> None:
+    import threading
+    import uuid
+
+    from sqlalchemy import text
+
+    from tests.conftest import PG_ADMIN_URL
+
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"orch_mig_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            upgrade(url)
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        # One failed with a duplicate type, or a deadlock on the index builds.
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == []
+        engine = make_engine(url)
+        try:
+            assert current_revision(engine) == head_revision()
+        finally:
+            engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :n"), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def test_a_postgresql_server_that_never_answers_times_out(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from sqlalchemy.exc import OperationalError
+
+    import orchestrator.db.engine as engine_module
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts, then says nothing: `db current` hung for good
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(engine_module, "CONNECT_TIMEOUT_S", 1)
+    engine = make_engine(f"postgresql://u@127.0.0.1:{port}/db")
+    try:
+        with pytest.raises(OperationalError, match="timeout"):
+            engine.connect()
+    finally:
+        engine.dispose()
+        silent.close()
+
+
 def test_embedded_default_when_no_urls_are_set(tmp_path: Path) -> None:
     s = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path)})
     assert s.embedded_broker

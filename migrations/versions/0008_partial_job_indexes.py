@@ -46,6 +46,13 @@ def _swap(pairs: Sequence[tuple[str, str, list[str], str | None]]) -> None:
             for old, new, columns, where in pairs:
                 cols = ", ".join(f'"{c}"' for c in columns)
                 clause = f" WHERE {where}" if where else ""
+                # A build that failed (cancelled, timed out) leaves an INVALID index, which
+                # IF NOT EXISTS would keep: drop it and build again.
+                invalid = op.get_bind().exec_driver_sql(
+                    "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    f"WHERE c.relname = '{new}' AND NOT i.indisvalid").first()
+                if invalid:
+                    op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {new}")
                 op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {new} ON jobs ({cols})"
                            f"{clause}")
                 op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {old}")

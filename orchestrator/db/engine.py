@@ -53,13 +53,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # from empty, a sequential scan per claim (backend CPU per job grew with the table, 3.2 ms
     # at 8,000 jobs against 0.7 ms planned per execution). Plan every execution with its values.
     connect_args = dict(kwargs.pop("connect_args", {}))
-    connect_args["options"] = " ".join(
-        filter(None, [connect_args.get("options"), "-c plan_cache_mode=force_custom_plan"]))
+    query = make_url(url).query
+    from_url = query.get("options")  # ?options=-c search_path=... (was overridden, so lost)
+    connect_args["options"] = " ".join(filter(None, [
+        from_url if isinstance(from_url, str) else None, connect_args.get("options"),
+        "-c plan_cache_mode=force_custom_plan"]))
+    if "connect_timeout" not in query:  # a server that accepts and never answers: fail
+        connect_args.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
     engine = create_engine(url, connect_args=connect_args, **kwargs)
     event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
     event.listen(engine, "checkin", _note_checkin)
     return engine
 
+
+#: seconds to wait for PostgreSQL to answer a new connection (the URL's connect_timeout wins)
+CONNECT_TIMEOUT_S = 10
 
 #: A pooled connection idle longer than this is pinged before use (a dropped connection is then
 #: replaced instead of failing the caller's statement); busier ones are not, which saves a round
