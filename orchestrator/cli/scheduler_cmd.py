@@ -13,11 +13,11 @@ def scheduler(
     holder: str = typer.Option(None, "--name", help="this scheduler's name in the lease "
                                "(default: host:pid:<random id>)"),
     metrics_port: int = typer.Option(None, "--metrics-port", min=1, max=65535,
-                                     help="serve the scheduler's Prometheus metrics (and the "
-                                     "deployment's gauges) on this port"),
+                                     help="serve the scheduler's Prometheus metrics (window "
+                                     "releases, re-publishes, lease) on this port"),
 ) -> None:
     """Run the scheduler until SIGTERM/SIGINT; a second one waits for the lease."""
-    from orchestrator.metrics import ClusterCollector, SchedulerMetrics
+    from orchestrator.metrics import SchedulerMetrics
     from orchestrator.scheduler.process import SchedulerProcess
     from orchestrator.settings import Settings
 
@@ -34,10 +34,9 @@ def scheduler(
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
+        # Its own counters only: the deployment gauges are the `metrics serve` exporter's (one
+        # per deployment); served here too, Prometheus scraped them twice and sums doubled.
         process.metrics = SchedulerMetrics()
-        services = process.services
-        process.metrics.registry.register(
-            ClusterCollector(settings, services.engine, services.redis))
         server, _ = start_http_server(metrics_port, registry=process.metrics.registry)
     try:
         process.run(stop)
