@@ -39,7 +39,10 @@ class LocalWorker:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, **settings.to_env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+        # The worker's settings are exactly these: an ORCH_* variable of this process that
+        # they do not set (a database URL, a tier override) must not reach the child.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+        env = {**inherited, **settings.to_env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         with open(log, "wb") as sink:
             self.proc = subprocess.Popen(
