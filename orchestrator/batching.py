@@ -229,6 +229,7 @@ _TAKE = _SHARED_LUA + """
 local items
 if redis.call('EXISTS', KEYS[2]) == 1 then
   items = redis.call('LRANGE', KEYS[2], 0, -1)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))  -- taken again now (the reconciler's age)
 else
   if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
   items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)

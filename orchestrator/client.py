@@ -223,12 +223,18 @@ class Client:
                         job_id=job_id, enqueued_at=now, max_batch=PLAIN_BATCH_MAX,
                         delay_ms=0.0, time_limit=policy.time_limit_s, plain=True,
                     )
-                else:
+                elif idempotency_key is None:
                     # Recorded first: once published, a worker may run the job at once, and a
                     # failed record after that would withdraw a job that is running.
                     mark_sent(self.services.redis, [(job_id, 0)])
                     publish(self.services.celery, job_id, chosen, policy.priority,
                             time_limit=policy.time_limit_s)
+                else:
+                    # A keyed job is never withdrawn: recorded after its publish, so that a
+                    # failed publish leaves no record and the reconciler sends the job.
+                    publish(self.services.celery, job_id, chosen, policy.priority,
+                            time_limit=policy.time_limit_s)
+                    mark_sent(self.services.redis, [(job_id, 0)])
             except (KombuOperationalError, RedisError, OSError) as e:
                 if idempotency_key is not None:
                     # A concurrent submit of the same key may already hold this job: it is
@@ -363,9 +369,12 @@ class Client:
             key = spec.batch_key(model) if spec.batch is not None else PLAIN_KEY
             self._buffers.remove(tier=tier, kind=spec.name, key=key, job_id=job_id,
                                  enqueued_at=enqueued_at)
-            self.services.redis.hdel(TRANSPORT_KEY, job_id)
         except RedisError:
             log.warning("job %s: could not take it back from its buffer", job_id)
+        try:
+            self.services.redis.hdel(TRANSPORT_KEY, job_id)
+        except RedisError:
+            log.warning("job %s: could not remove its transport record", job_id)
 
     # --- follow ------------------------------------------------------------------------------
 
@@ -474,7 +483,7 @@ def _parse_tier(tier: Tier | str) -> Tier:
 
 def _opens_again(window: WindowSpec) -> WindowSpec:
     """Raises: InvalidOption: the window will never open again (a job would wait for ever)."""
-    if window.next_open(utcnow()) is None:
+    if not window.opens_again(utcnow()):
         raise InvalidOption(f"window {window.name!r} will not open again (a one-off window "
                             "that has ended, or a cron that matches no date); nothing was "
                             "stored")

@@ -7,6 +7,7 @@ no ``ORCH_DATABASE_URL`` the database is a SQLite file under the state dir, and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -158,7 +159,7 @@ class Settings(BaseModel):
         try:
             raw["tiers"] = {
                 tier: DEFAULT_POLICIES[tier].model_validate(
-                    {**DEFAULT_POLICIES[tier].model_dump(), **fields}
+                    _fit_drain_budget({**DEFAULT_POLICIES[tier].model_dump(), **fields}, fields)
                 )
                 for tier, fields in overrides.items()
             }
@@ -252,6 +253,18 @@ class Settings(BaseModel):
                 if value != getattr(default, field):
                     env[f"ORCH_TIER_{tier.name}_{field.upper()}"] = str(value)
         return env
+
+
+def _fit_drain_budget(policy: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """A time limit set at or below the tier's default drain budget, with no budget set,
+    takes half the limit as its budget (a draining task must end before its limit); a budget
+    set explicitly is left for the policy's check to refuse."""
+    if "drain_budget_s" not in given and "time_limit_s" in given:
+        with contextlib.suppress(TypeError, ValueError):
+            limit = float(policy["time_limit_s"])
+            if float(policy["drain_budget_s"]) >= limit > 0:
+                policy["drain_budget_s"] = limit / 2
+    return policy
 
 
 def _parse_tier_var(name: str, fields: set[str]) -> tuple[Tier, str] | None:

@@ -234,6 +234,8 @@ class LoadedIndex:
             raise DimensionMismatch(self.manifest.name, self.manifest.dim, int(queries.shape[1]))
         k = min(k, len(self.matrix))
         scores = queries.astype(np.float32, copy=False) @ self.matrix.T
+        # A NaN score ranks last (as -inf); infinities stay what they are.
+        scores = np.nan_to_num(scores, nan=-np.inf, posinf=np.inf, neginf=-np.inf)
         if k == len(self.matrix):
             part = np.tile(np.arange(len(self.matrix)), (len(queries), 1))
             picked = scores
@@ -247,8 +249,10 @@ class LoadedIndex:
         positions = np.empty((len(queries), k), dtype=np.int64)
         values = np.empty((len(queries), k), dtype=scores.dtype)
         for i, (row, least) in enumerate(zip(scores, kth, strict=True)):
-            candidates = np.flatnonzero(row >= least)
-            best = np.lexsort((candidates, -row[candidates]))[:k]
+            above = np.flatnonzero(row > least)
+            ties = np.flatnonzero(row == least)[:k - len(above)]  # the earliest of the ties
+            candidates = np.concatenate([above, ties])
+            best = np.lexsort((candidates, -row[candidates]))
             positions[i], values[i] = candidates[best], row[candidates[best]]
         return positions, values
 

@@ -114,8 +114,8 @@ def _crontab_weekdays(field: str) -> str:
         if not numeric:
             out.append(part)
             continue
-        if base != "*" and step and "-" not in base:  # N/S: from N to the week's end
-            base = f"{base}-6"
+        if base != "*" and step and "-" not in base:  # N/S: from N to 7, as cron reads it
+            base = f"{base}-7"
         first, _, last = ("0-6" if base == "*" else base).partition("-")
         days = list(range(int(first), int(last or first) + 1))
         if not days:
@@ -355,6 +355,17 @@ class WindowSpec:
         """When the opening that contains ``t`` ends; None when closed at ``t``."""
         span = self.opening(t)
         return None if span is None else span[1]
+
+    def opens_again(self, t: datetime) -> bool:
+        """Whether the window is open at ``t`` or opens after it (cheap: no walk of its
+        occurrences)."""
+        t = t.astimezone(UTC)
+        if self._trigger is None:
+            assert self.ends_at is not None
+            return t < self.ends_at
+        assert self.duration_s is not None
+        since = t - timedelta(seconds=self.duration_s) + timedelta(microseconds=1)
+        return self._fire_at_or_after(since) is not None
 
     def next_open(self, t: datetime) -> datetime | None:
         """``t`` itself when open, else the next time it opens; None when it never will."""

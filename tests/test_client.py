@@ -195,6 +195,34 @@ def test_a_database_that_stops_answering_is_service_unavailable_not_a_driver_err
     assert handle.status() == "queued" and _job_rows(client) == 1
 
 
+def test_a_keyed_job_kept_after_a_broker_blip_has_no_transport_record_left(
+    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis import RedisError
+
+    import orchestrator.client as client_module
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise BrokerError("simulated broker blip")
+
+    def blip(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RedisError("simulated Redis blip")
+
+    monkeypatch.setattr(client_module, "publish", refused)
+    monkeypatch.setattr(client._buffers, "remove", blip)  # taking back fails too
+    with pytest.raises(ServiceUnavailable) as info:
+        client.submit("echo", {"x": 1}, idempotency_key="blip")
+    kept = info.value.job_id
+    assert kept is not None
+    # The record was written before the publish and its removal shared a try with the
+    # buffer's: it stayed, matched attempt 0, and the reconciler never sent the job.
+    assert not redis_client.hexists(TRANSPORT_KEY, kept)
+    monkeypatch.undo()
+    reconciler = Reconciler(client.services, Transport(client.services), grace_s=0)
+    assert reconciler.check(utcnow() + timedelta(seconds=1)).republished == [kept]
+
+
 def test_cancel_a_queued_job_then_result_raises_cancelled(client: Client) -> None:
     handle = client.submit("echo", {"x": 1})
     assert handle.cancel() is True

@@ -360,3 +360,11 @@ def test_ties_at_the_k_th_hit_go_to_the_earlier_vectors() -> None:
                         [{"id": str(i)} for i in range(5)], {})
     positions, scores = mixed.top_k(np.array([[1.0]], np.float32), 3)
     assert positions[0].tolist() == [1, 3, 2] and scores[0].tolist() == [2.0, 2.0, 1.0]
+    # Fewer than k scores that are numbers: NaN ranks last (the k-th was NaN, nothing was
+    # >= it, and the whole batch call raised).
+    nan = LoadedIndex(Manifest("iz", 1, "tiny", 3, 1, "", "", [], {}), None,
+                      np.array([[np.nan], [1.0], [np.nan]], np.float32),
+                      [{"id": str(i)} for i in range(3)], {})
+    positions, scores = nan.top_k(np.array([[1.0]], np.float32), 3)
+    assert positions[0].tolist()[0] == 1 and scores[0][0] == 1.0
+    assert np.isneginf(scores[0][1:]).all()

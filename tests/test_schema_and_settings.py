@@ -141,6 +141,18 @@ def test_a_postgresql_server_that_never_answers_times_out(
         silent.close()
 
 
+def test_a_short_time_limit_brings_the_default_drain_budget_under_it(tmp_path: Path) -> None:
+    s = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path),
+                           "ORCH_TIER_INTERACTIVE_TIME_LIMIT_S": "1",
+                           "ORCH_TIER_NEARLINE_TIME_LIMIT_S": "2"})
+    assert s.policy(Tier.INTERACTIVE).drain_budget_s == 0.5  # the default 1 s was refused
+    assert s.policy(Tier.NEARLINE).drain_budget_s == 1.0
+    with pytest.raises(ConfigurationError, match="drain_budget_s"):  # set: left to the check
+        Settings.from_env({"ORCH_STATE_DIR": str(tmp_path),
+                           "ORCH_TIER_INTERACTIVE_TIME_LIMIT_S": "1",
+                           "ORCH_TIER_INTERACTIVE_DRAIN_BUDGET_S": "1"})
+
+
 def test_embedded_default_when_no_urls_are_set(tmp_path: Path) -> None:
     s = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path)})
     assert s.embedded_broker

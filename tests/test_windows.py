@@ -80,9 +80,9 @@ def test_day_and_weekday_both_set_mean_either_as_in_crontab() -> None:
         at(2026, 6, 22, 1), at(2026, 6, 29, 1), at(2026, 7, 1, 1)]  # Mon, Mon, Wed 1st
     mondays = WindowSpec.build("m", cron="0 1 * * 1", duration="1h")  # day "*": weekday only
     assert mondays.next_open(at(2026, 7, 1)) == at(2026, 7, 6, 1)
-    every_other = WindowSpec.build("eo", cron="0 1 * * 1/2", duration="1h")  # from Monday on
+    every_other = WindowSpec.build("eo", cron="0 1 * * 1/2", duration="1h")  # 1, 3, 5, 7
     assert [o.strftime("%a") for o, _ in every_other.openings(at(2026, 6, 1), 4)] == [
-        "Mon", "Wed", "Fri", "Mon"]
+        "Mon", "Wed", "Fri", "Sun"]
 
 
 def test_terms_crontab_does_not_know_are_refused() -> None:

@@ -49,9 +49,19 @@ class _ProcessRuntime:
     def start(self, **_: Any) -> None:
         # The parent's connections must not be shared across fork: open fresh ones.
         services = Services.open(self.settings.model_copy(), kinds=None)
-        self.runtime = Runtime(services, worker=f"{self.worker_name}:{os.getpid()}",
-                               tiers=self.tiers)
-        self.runtime.setup_kinds()
+        runtime = None
+        try:
+            runtime = Runtime(services, worker=f"{self.worker_name}:{os.getpid()}",
+                              tiers=self.tiers)
+            runtime.setup_kinds()
+        except BaseException:  # not half started: a later message tries again from scratch
+            services.embedded = None  # detaching from the embedded Redis is the parent's job
+            if runtime is not None:
+                runtime.close()
+            else:
+                services.close()
+            raise
+        self.runtime = runtime
 
     def stop(self, **_: Any) -> None:
         mark_process_dead(os.getpid())

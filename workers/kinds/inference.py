@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
 
-#: largest float32: a feature or vector element past it becomes inf, then NaN, in the model
-FLOAT32_MAX = 3.4028234663852886e38
+#: float32's max as numpy prints it (3.4028235e+38, which still rounds to it): a feature or
+#: vector element past it becomes inf, then NaN, in the model
+FLOAT32_MAX = 3.4028235e38
 #: a number the models take: finite, and within float32 (refused at submit, not in the worker)
 Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
