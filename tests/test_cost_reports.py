@@ -198,13 +198,12 @@ def test_jobs_show_explains_a_jobs_cost_attempt_by_attempt(client: Client) -> No
     assert "cost (USD): 0.00025000" in human.stdout and "night" in human.stdout
 
 
-def test_prices_shows_the_table_and_refuses_a_bad_one_naming_the_key(
-    client: Client, tmp_path: Path
-) -> None:
+def test_prices_shows_the_table_and_refuses_a_bad_one_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "orchestrator.toml"
     config.write_text('[prices]\ncurrency = "EUR"\n[prices.cpu_hour]\noffline = "0.01"\n'
                       '[prices.models."all-MiniLM-L6-v2"]\nper_1k_items = "0.004"\n')
-    env = {**client.settings.to_env(), "ORCH_CONFIG": str(config)}
+    # The command reads the config file only: no database, no broker.
+    env = {"ORCH_STATE_DIR": str(tmp_path), "ORCH_CONFIG": str(config)}
     shown = _cli("prices", "--json", env=env)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == {

@@ -80,6 +80,7 @@ def test_jobs_list_and_show_report_state_attempts_and_cost_columns(client: Clien
     assert [j["id"] for j in json.loads(queued.stdout)] == [other.id]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # output, not storage
 def test_cli_errors_are_one_line_and_exit_non_zero(client: Client) -> None:
     env = _env_for(client)
     missing = _cli("jobs", "show", "nope", env=env)
