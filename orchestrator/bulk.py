@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis import RedisError
 
-from orchestrator.db.deferral import StreamGivenUp, defer_chunks
+from orchestrator.db.deferral import StreamGivenUp, defer_chunks, is_streaming
 from orchestrator.db.models import JobState
 from orchestrator.db.store import NewJob
 from orchestrator.errors import (
@@ -112,8 +112,7 @@ def submit_bulk(
     parent_id, created = store.create(parent)
     if not created:
         existing = store.get(parent_id)
-        if existing is not None and existing.state == JobState.RUNNING and \
-                existing.items_total is None and existing.attempts == 0:
+        if existing is not None and is_streaming(existing):
             # Its items are still streaming in, and a bad one would still refuse (and remove)
             # it: a handle to it now could be left pointing at nothing.
             raise SubmitInProgress(parent_id, "its items are still streaming in; submit "

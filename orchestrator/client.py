@@ -223,18 +223,17 @@ class Client:
                         job_id=job_id, enqueued_at=now, max_batch=PLAIN_BATCH_MAX,
                         delay_ms=0.0, time_limit=policy.time_limit_s, plain=True,
                     )
-                elif idempotency_key is None:
-                    # Recorded first: once published, a worker may run the job at once, and a
-                    # failed record after that would withdraw a job that is running.
-                    mark_sent(self.services.redis, [(job_id, 0)])
-                    publish(self.services.celery, job_id, chosen, policy.priority,
-                            time_limit=policy.time_limit_s)
                 else:
-                    # A keyed job is never withdrawn: recorded after its publish, so that a
-                    # failed publish leaves no record and the reconciler sends the job.
+                    # Unkeyed, recorded first: once published, a worker may run the job at once,
+                    # and a failed record after that would withdraw a running job. A keyed job
+                    # is never withdrawn: recorded after its publish, so that a failed publish
+                    # leaves no record and the reconciler sends the job.
+                    if idempotency_key is None:
+                        mark_sent(self.services.redis, [(job_id, 0)])
                     publish(self.services.celery, job_id, chosen, policy.priority,
                             time_limit=policy.time_limit_s)
-                    mark_sent(self.services.redis, [(job_id, 0)])
+                    if idempotency_key is not None:
+                        mark_sent(self.services.redis, [(job_id, 0)])
             except (KombuOperationalError, RedisError, OSError) as e:
                 if idempotency_key is not None:
                     # A concurrent submit of the same key may already hold this job: it is

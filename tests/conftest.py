@@ -168,6 +168,20 @@ def client(settings: Settings) -> Iterator[Client]:
 WorkerProcess = LocalWorker
 
 
+def fail_call(monkeypatch: pytest.MonkeyPatch, target: object, name: str, nth: int,
+              error: BaseException) -> None:
+    """The ``nth`` call of ``target.name`` raises ``error``; the others run as before."""
+    real, calls = getattr(target, name), [0]
+
+    def call(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        if calls[0] == nth:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, call)
+
+
 @pytest.fixture
 def runtime(settings: Settings) -> Iterator[Runtime]:
     """The worker runtime in this process, for driving executions step by step."""

@@ -38,7 +38,7 @@ from orchestrator.db.store import utcnow
 from orchestrator.errors import ServiceUnavailable
 from orchestrator.fairness import prefix as fair_prefix
 from orchestrator.tiers import Tier
-from tests.conftest import WorkerProcess
+from tests.conftest import WorkerProcess, fail_call
 from workers.execution import BACKGROUND_CPU
 from workers.runtime import WRITE_BEHIND_GATE_S, Runtime
 
@@ -675,16 +675,8 @@ def test_a_batch_written_behind_waits_for_the_next_claim_only_so_long(
 def test_a_failed_write_behind_finish_does_not_lose_the_next_batch_it_overlapped(
     client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = runtime.services.store
-    finish_many, calls = store.finish_many, []
-
-    def flaky(done, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(done))
-        if len(calls) == 1:
-            raise OperationalError("UPDATE jobs ...", {}, Exception("deadlock detected"))
-        return finish_many(done, *args, **kwargs)
-
-    monkeypatch.setattr(store, "finish_many", flaky)
+    fail_call(monkeypatch, runtime.services.store, "finish_many", 1,
+              OperationalError("UPDATE jobs ...", {}, Exception("deadlock detected")))
     handles = [client.submit("upper", {"texts": [f"w{i}"]}) for i in range(8)]
     with pytest.raises(OperationalError):
         runtime.execute_batch("upper", "g", "nearline", "m1")

@@ -30,6 +30,7 @@ from orchestrator.scheduler.reconciler import Reconciler
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
 from orchestrator.transport import Transport
+from tests.conftest import fail_call
 from workers.runtime import Runtime
 
 
@@ -98,20 +99,13 @@ def test_jobs_taken_from_a_buffer_that_nothing_claimed_are_sent_again(
     client: Client, reconciler: Reconciler, runtime: Runtime, redis_client: redis.Redis,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = runtime.services.store
-    claim_many, calls = store.claim_many, []
-
-    def failing_second(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(ids))
-        if len(calls) == 2:  # the drain took its second batch, then its claim failed
-            raise OperationalError("UPDATE jobs ...", {}, Exception("connection reset"))
-        return claim_many(ids, *args, **kwargs)
-
-    monkeypatch.setattr(store, "claim_many", failing_second)
+    # The drain takes its second batch, then its claim fails.
+    fail_call(monkeypatch, runtime.services.store, "claim_many", 2,
+              OperationalError("UPDATE jobs ...", {}, Exception("connection reset")))
     handles = [client.submit("upper", {"texts": [f"o{i}"]}) for i in range(8)]
     with pytest.raises(OperationalError):
         runtime.execute_batch("upper", "g", "nearline", "m1")
-    monkeypatch.setattr(store, "claim_many", claim_many)
+    monkeypatch.undo()
     stranded = [h.id for h in handles[4:]]
     assert [h.status() for h in handles] == ["succeeded"] * 4 + ["queued"] * 4
     # They sat in the second batch's processing list, which no trigger looks for again, with

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, Engine, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.db.models import JobState, UTCDateTime, attempts, job_events, jobs, utcnow
+
+if TYPE_CHECKING:
+    from orchestrator.db.store import JobView
 
 #: A bulk parent names its window too, but it holds no slot (its chunks do).
 _NOT_A_BULK_PARENT = or_(jobs.c.parent_id.is_not(None), jobs.c.items_total.is_(None))
@@ -22,6 +26,12 @@ _NOT_A_BULK_PARENT = or_(jobs.c.parent_id.is_not(None), jobs.c.items_total.is_(N
 #: total unknown until the stream ends (``release_chunks``/``defer_chunks`` fix it).
 STREAMING = and_(jobs.c.state == JobState.RUNNING, jobs.c.parent_id.is_(None),
                  jobs.c.items_total.is_(None), jobs.c.attempts == 0)
+
+
+def is_streaming(job: JobView) -> bool:
+    """``STREAMING`` for a job already read: a bulk job whose items are still coming in."""
+    return (job.state == JobState.RUNNING and job.parent_id is None
+            and job.items_total is None and job.attempts == 0)
 
 
 class StreamGivenUp(Exception):

@@ -153,9 +153,11 @@ class Reconciler:
         queued = [v for v in views.values() if v.state == JobState.QUEUED
                   and (v.queued_at is None or v.queued_at < before)]
         sent = self.transport.send(queued)
+        pipe = client.pipeline(transaction=False)  # one round trip for all the removals
         for job_id in sent:
             key, item = found[job_id]
-            client.lrem(key, 0, item)
+            pipe.lrem(key, 0, item)
+        pipe.execute()
         record_events(self.services.engine, [
             (job_id, "republished", f"taken from its buffer into {found[job_id][0]} "
              "by a worker that never claimed it; re-sent") for job_id in sent], now=now)

@@ -37,6 +37,8 @@ from workers.models._session import open_session
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 TOKENIZER_FILE = "tokenizer.json"
+#: what an export wrote, next to its files (``workers.models.export``)
+MANIFEST = "manifest.json"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _INT_TYPES: dict[str, type[np.integer[Any]]] = {
     "tensor(int64)": np.int64,
@@ -110,7 +112,7 @@ class EmbeddingModel:
             ConfigurationError: the files are not there (run ``orchestrator models export``).
         """
         model_path, tokenizer_path = embedding_files(Path(model_dir), name, variant)
-        manifest = model_path.parent / "manifest.json"
+        manifest = model_path.parent / MANIFEST
         if "max_length" not in kw and manifest.is_file():  # as exported (256 for MiniLM)
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 kw["max_length"] = int(json.loads(manifest.read_text())["max_length"])

@@ -28,12 +28,16 @@ import numpy as np
 
 from orchestrator.errors import ConfigurationError
 from workers.models.builders import build_scoring_models
-from workers.models.embedding import DEFAULT_EMBEDDING_MODEL, TOKENIZER_FILE, EmbeddingModel
+from workers.models.embedding import (
+    DEFAULT_EMBEDDING_MODEL,
+    MANIFEST,
+    TOKENIZER_FILE,
+    EmbeddingModel,
+)
 from workers.models.scoring import DEFAULT_SCORING_MODEL, ScoringModel
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 OPSET = 17
 #: word pieces per text, as the reference truncates them (its max_seq_length)
 MAX_LENGTH = 256
