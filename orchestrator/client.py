@@ -114,8 +114,7 @@ class Client:
         self._buffers = Buffers(services.redis, services.celery,
                                 processing_ttl_s=services.settings.visibility_timeout_s)
         self._admission = Admission(services.redis, services.settings, also_read=VERSION_KEY)
-        self._quotas = Quotas(services.engine, services.redis,
-                              redis_url=services.settings.redis_url())
+        self._quotas = Quotas(services.engine, services.redis)
         self.windows = WindowCatalog(services.engine, services.settings)
 
     @classmethod

@@ -11,11 +11,12 @@ Three quotas, each off while its column on ``tenants`` is NULL:
   leaves it wrong for good. A bulk job counts once (its parent), not once per chunk. Concurrent
   submits of one tenant can each see room for one more job, so the limit can be overshot by the
   number of submits racing in the same instant.
-- **rate** (``rate_per_s`` with ``burst``): a moving window of the ``limits`` library in Redis.
-  Rate R with burst B is a window of ``ceil(B / R)`` whole seconds holding ``max(B, R * window)``
-  submissions: about B accepted at once (more when B / R is not a whole number of seconds),
-  R a second on average. B defaults to, and is at least, ``ceil(R)``. A submit refused by any
-  check does not use up the rate.
+- **rate** (``rate_per_s`` with ``burst``): the generic cell rate algorithm (GCRA, the token
+  bucket as one timestamp; as in ATM networks, redis-cell and Stripe's limiter), one Lua script
+  in Redis on Redis's clock. Rate R with burst B: from idle, B submissions are accepted at once,
+  then one every 1/R seconds, exactly (0.3/s is 3 per 10 s, not a whole-second window's 1 per
+  4 s). B defaults to ``ceil(R)``. A refusal says when the next submit would be accepted. A
+  submit refused by any check does not use up the rate.
 - **monthly budget** (``monthly_budget``): the sum of ``jobs.cost`` of the tenant's submissions
   created this calendar month (UTC) refuses new work once it reaches the budget. The sum is
   cached in Redis for ``SPEND_CACHE_S`` so a busy tenant does not re-sum its month on every
@@ -38,9 +39,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 import redis
-from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.storage import RedisStorage
-from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import Engine, and_, bindparam, func, select, update
 
 from orchestrator.costs.report import exact_sum, money_from_sum
@@ -53,7 +51,27 @@ log = logging.getLogger(__name__)
 
 #: Seconds a tenant's month-to-date spend is reused before it is summed again.
 SPEND_CACHE_S = 10
-RATE_KEY_PREFIX = "orch:rate"
+#: A tenant's GCRA state: its theoretical arrival time, in microseconds of Redis's clock.
+RATE_KEY_PREFIX = "orch:gcra"
+
+# KEYS[1]: the tenant's key. ARGV: emission interval (1/R) and burst tolerance ((B - 1) / R),
+# both in microseconds; 1 to spend a submission, 0 only to look. Returns {1, 0} when the submit
+# is admitted, else {0, microseconds until it would be}.
+_GCRA = """
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local allowed_at = tat - tolerance
+if now < allowed_at then return {0, allowed_at - now} end
+if ARGV[3] == '1' then
+  local next_tat = tat + interval
+  redis.call('SET', KEYS[1], string.format('%d', next_tat),
+             'PX', math.max(math.ceil((next_tat - now) / 1000), 1))
+end
+return {1, 0}
+"""
 
 
 class _Keep:
@@ -89,11 +107,33 @@ class TenantQuotas:
         }
 
 
-def rate_item(rate_per_s: float, burst: int | None) -> RateLimitItem:
-    """The moving window that enforces rate R with burst B (see the module docstring)."""
-    wanted = max(burst or 0, math.ceil(rate_per_s), 1)
-    window = max(1, math.ceil(wanted / rate_per_s))
-    return RateLimitItemPerSecond(max(wanted, math.floor(rate_per_s * window)), window)
+_DAY_US: Final = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class RateRule:
+    """Rate R a second with burst B, as the GCRA enforces it (see the module docstring)."""
+
+    rate_per_s: float
+    burst: int
+
+    @classmethod
+    def of(cls, rate_per_s: float, burst: int | None) -> RateRule:
+        return cls(rate_per_s, burst if burst is not None else max(math.ceil(rate_per_s), 1))
+
+    @property
+    def interval_us(self) -> int:
+        """Microseconds between submissions at the rate (1 µs to a day)."""
+        return min(max(round(1_000_000 / self.rate_per_s), 1), _DAY_US)
+
+    @property
+    def tolerance_us(self) -> int:
+        """How far ahead of the rate a burst may run, in microseconds. At most a year, so the
+        script's timestamps stay exact in Lua's doubles (below 2**53 µs, about 285 years)."""
+        return min((self.burst - 1) * self.interval_us, 366 * _DAY_US)
+
+    def describe(self) -> str:
+        return f"{self.rate_per_s:g}/s, burst {self.burst}"
 
 
 def month_start(now: datetime) -> datetime:
@@ -249,6 +289,9 @@ class TenantStore:
 
 #: the largest weight or burst (a 32-bit integer in the database)
 MAX_INT: Final = 2**31 - 1
+#: the slowest and fastest rates (a submission a day; a microsecond apart, the GCRA's unit)
+MIN_RATE: Final = 1 / 86_400
+MAX_RATE: Final = 1e6
 #: budgets are stored as NUMERIC(18, 8): below this
 MAX_BUDGET: Final = Decimal("1e10")
 
@@ -256,8 +299,9 @@ MAX_BUDGET: Final = Decimal("1e10")
 def _validate(q: TenantQuotas) -> None:
     if not 1 <= q.weight <= MAX_INT:
         raise InvalidOption(f"weight must be from 1 to {MAX_INT}")
-    if q.rate_per_s is not None and not (q.rate_per_s > 0 and math.isfinite(q.rate_per_s)):
-        raise InvalidOption("rate must be a positive number of submissions per second")
+    if q.rate_per_s is not None and not (MIN_RATE <= q.rate_per_s <= MAX_RATE):
+        raise InvalidOption(f"rate must be a number of submissions per second from {MIN_RATE:g}"
+                            f" (one a day) to {MAX_RATE:g}")
     if q.burst is not None and not 1 <= q.burst <= MAX_INT:
         raise InvalidOption(f"burst must be from 1 to {MAX_INT}")
     if q.burst is not None and q.rate_per_s is None:
@@ -281,14 +325,12 @@ def parse_budget(text: str) -> Decimal:
 class Quotas:
     """Checks a tenant's quotas for one more submit."""
 
-    def __init__(self, engine: Engine, client: redis.Redis, *, redis_url: str) -> None:
+    def __init__(self, engine: Engine, client: redis.Redis) -> None:
         self.tenants = TenantStore(engine, client)
         self.redis = client
         #: tenant -> (quotas, version they were read at, monotonic time read)
         self._cache: dict[str, tuple[TenantQuotas | None, bytes | str | None, float]] = {}
-        storage = RedisStorage(redis_url, connection_pool=client.connection_pool,
-                               key_prefix=RATE_KEY_PREFIX)
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._gcra = client.register_script(_GCRA)
 
     def _quotas(self, tenant: str, version: bytes | _Unread | None = UNREAD
                 ) -> TenantQuotas | None:
@@ -375,14 +417,15 @@ class Quotas:
 
     def _check_rate(self, tenant: str, rate: float, burst: int | None, *,
                     spend: bool = True) -> None:
-        item = rate_item(rate, burst)
+        rule = RateRule.of(rate, burst)
         try:
-            if (self._limiter.hit if spend else self._limiter.test)(item, tenant):
-                return
-            stats = self._limiter.get_window_stats(item, tenant)
+            admitted, wait_us = self._gcra(
+                keys=[f"{RATE_KEY_PREFIX}:{tenant}"],
+                args=[rule.interval_us, rule.tolerance_us, 1 if spend else 0])
         except redis.RedisError as e:
             raise ServiceUnavailable(f"Redis does not answer the rate check: {e}") from e
+        if admitted:
+            return
         raise QuotaExceeded(
             tenant, quota="rate", limit=rate,
-            retry_after=round(max(stats.reset_time - time.time(), 0.001), 3),
-            detail=f"{item.amount} submissions per {item.multiples}s ({rate:g}/s)")
+            retry_after=round(max(int(wait_us) / 1e6, 0.001), 3), detail=rule.describe())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,7 +19,7 @@ from sqlalchemy import func, select, update
 from orchestrator import Client
 from orchestrator.db.models import jobs
 from orchestrator.errors import InvalidOption, InvalidPayload, QuotaExceeded
-from orchestrator.quotas import TenantStore, month_start, next_month_start, rate_item
+from orchestrator.quotas import RateRule, TenantStore, month_start, next_month_start
 from orchestrator.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +80,14 @@ def test_a_bulk_job_counts_once_against_max_inflight_whatever_its_chunks(
 def test_rate_limit_refuses_past_the_burst_and_says_when_to_retry(
     client: Client, redis_client: redis.Redis
 ) -> None:
-    _tenants(client).set("acme", rate_per_s=1.0, burst=3)  # 3 per 3-second window
+    _tenants(client).set("acme", rate_per_s=1.0, burst=3)  # 3 at once, then one a second
     for i in range(3):
         client.submit("echo", {"n": i}, tenant="acme")
     refusal = _refused(client, redis_client,
                        lambda: client.submit("echo", {"n": 3}, tenant="acme"))
     assert (refusal.quota, refusal.limit) == ("rate", 1.0)
-    assert refusal.retry_after is not None and 0 < refusal.retry_after <= 3
+    assert refusal.retry_after is not None and 0 < refusal.retry_after <= 1
+    assert "1/s, burst 3" in str(refusal)
     client.submit("echo", {"n": 3}, tenant="globex")  # per tenant
 
 
@@ -112,15 +114,39 @@ def test_a_bulk_submit_refused_for_a_bad_item_does_not_use_up_the_rate(
         client.submit("echo", {}, tenant="acme")
 
 
-@pytest.mark.parametrize(("rate", "burst", "amount", "window"), [
-    (1.0, 3, 3, 3), (10.0, 50, 50, 5), (0.5, None, 1, 2), (2.5, None, 5, 2), (100.0, 1, 100, 1),
-])
-def test_rate_and_burst_map_to_a_whole_second_window_that_keeps_the_rate(
-    rate: float, burst: int | None, amount: int, window: int
+def test_a_fractional_rate_is_kept_exactly(client: Client, redis_client: redis.Redis) -> None:
+    # 0.3/s is one submission every 3.33 s (a window of whole seconds made it one per 4 s).
+    _tenants(client).set("acme", rate_per_s=0.3)
+    client.submit("echo", {"n": 0}, tenant="acme")
+    refusal = _refused(client, redis_client,
+                       lambda: client.submit("echo", {"n": 1}, tenant="acme"))
+    assert refusal.retry_after is not None and 3.0 < refusal.retry_after <= 3.334
+
+
+def test_after_the_burst_submissions_are_admitted_at_the_rate_and_no_faster(
+    client: Client, redis_client: redis.Redis
 ) -> None:
-    item = rate_item(rate, burst)
-    assert (item.amount, item.multiples) == (amount, window)
-    assert item.amount / item.multiples <= max(rate, (burst or 0) / window)
+    _tenants(client).set("acme", rate_per_s=2.0, burst=2)
+    client.submit("echo", {"n": 0}, tenant="acme")
+    client.submit("echo", {"n": 1}, tenant="acme")
+    for n in (2, 3):  # each waits out the refusal's retry_after, then the next is refused
+        refusal = _refused(client, redis_client,
+                           lambda n=n: client.submit("echo", {"n": n}, tenant="acme"))
+        assert refusal.retry_after is not None and 0 < refusal.retry_after <= 0.5
+        time.sleep(refusal.retry_after)
+        client.submit("echo", {"n": n}, tenant="acme")
+
+
+@pytest.mark.parametrize(("rate", "burst", "interval_us", "tolerance_us"), [
+    (1.0, 3, 1_000_000, 2_000_000), (0.3, None, 3_333_333, 0), (2.5, None, 400_000, 800_000),
+    (100.0, 1, 10_000, 0), (1e6, None, 1, 999_999),
+    (1 / 86_400, 2**31 - 1, 86_400_000_000, 366 * 86_400_000_000),  # capped at a year
+])
+def test_a_rate_and_burst_become_the_gcra_interval_and_tolerance(
+    rate: float, burst: int | None, interval_us: int, tolerance_us: int
+) -> None:
+    rule = RateRule.of(rate, burst)
+    assert (rule.interval_us, rule.tolerance_us) == (interval_us, tolerance_us)
 
 
 def test_monthly_budget_refuses_once_this_months_cost_reaches_it(
@@ -162,8 +188,9 @@ def test_quota_values_are_validated(client: Client) -> None:
         store.set("acme", max_inflight={"urgent": 1})
     with pytest.raises(InvalidOption, match="burst needs a rate"):
         store.set("acme", burst=3)
-    with pytest.raises(InvalidOption, match="rate must be"):
-        store.set("acme", rate_per_s=0)
+    for rate in (0, -1, 1e-6, 2e6, float("nan"), float("inf")):
+        with pytest.raises(InvalidOption, match="rate must be"):
+            store.set("acme", rate_per_s=rate)
     with pytest.raises(InvalidOption, match="budget"):
         store.set("acme", monthly_budget=Decimal("-1"))
     # Past what the columns hold: a raw DataError on PostgreSQL, stored as given on SQLite.

@@ -15,7 +15,7 @@ from rich.table import Table
 from orchestrator.cli._console import make_console
 from orchestrator.client import _check_tenant
 from orchestrator.errors import InvalidOption
-from orchestrator.quotas import KEEP, TenantQuotas, TenantStore, parse_budget, rate_item
+from orchestrator.quotas import KEEP, RateRule, TenantQuotas, TenantStore, parse_budget
 from orchestrator.services import open_database
 from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
@@ -98,8 +98,7 @@ def _describe(q: TenantQuotas) -> str:
     caps = ", ".join(f"{t}={n}" for t, n in sorted(q.max_inflight.items())) or "none"
     rate = "none"
     if q.rate_per_s is not None:
-        window = rate_item(q.rate_per_s, q.burst)
-        rate = f"{q.rate_per_s:g}/s ({window.amount} per {window.multiples}s window)"
+        rate = RateRule.of(q.rate_per_s, q.burst).describe()
     budget = "none" if q.monthly_budget is None else str(q.monthly_budget.normalize())
     return f"weight {q.weight}; max in flight {caps}; rate {rate}; monthly budget {budget}"
 
