@@ -28,6 +28,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.admission import Admission, read_sheds
+from orchestrator.db.engine import reading
 from orchestrator.db.models import JobState, Outcome, jobs
 from orchestrator.errors import ConfigurationError, OrchestratorError
 from orchestrator.settings import Settings
@@ -160,7 +161,7 @@ class ClusterCollector:
         active = GaugeMetricFamily("orch_jobs", "Jobs in an active state, per tier.",
                                    labels=["tier", "state"])
         try:
-            with self.engine.connect() as conn:
+            with reading(self.engine) as conn:
                 counts = {(t, s): n for t, s, n in conn.execute(
                     select(jobs.c.tier, jobs.c.state, func.count())
                     .where(jobs.c.state.in_(JobState.ACTIVE))

@@ -42,6 +42,7 @@ import redis
 from sqlalchemy import Engine, and_, bindparam, func, select, update
 
 from orchestrator.costs.report import exact_sum, money_from_sum
+from orchestrator.db.engine import reading
 from orchestrator.db.models import JobState, jobs, tenants
 from orchestrator.db.store import _insert_ignore, utcnow
 from orchestrator.errors import InvalidOption, QuotaExceeded, ServiceUnavailable
@@ -194,12 +195,12 @@ class TenantStore:
         self.redis = client
 
     def get(self, name: str) -> TenantQuotas | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(_GET_TENANT, {"name": name}).first()
         return _row_to_quotas(row) if row else None
 
     def all(self) -> list[TenantQuotas]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(*_TENANT_COLUMNS).order_by(tenants.c.name)).all()
         return [_row_to_quotas(row) for row in rows]
 
@@ -261,7 +262,7 @@ class TenantStore:
         inner = select(jobs.c.tenant).where(_in_flight(tenant, Tier(tier).value))
         if cap is not None:
             inner = inner.limit(cap)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return int(conn.execute(
                 select(func.count()).select_from(inner.subquery())).scalar_one())
 
@@ -271,7 +272,7 @@ class TenantStore:
                  .where(and_(jobs.c.state.in_(JobState.ACTIVE), jobs.c.parent_id.is_(None)))
                  .group_by(jobs.c.tenant, jobs.c.tier))
         out: dict[str, dict[str, int]] = {}
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             for tenant, tier, count in conn.execute(query):
                 out.setdefault(tenant, {})[tier] = int(count)
         return out
@@ -282,7 +283,7 @@ class TenantStore:
         dialect = self.engine.dialect.name
         query = select(exact_sum(jobs.c.cost, dialect)).where(and_(
             jobs.c.tenant == tenant, jobs.c.created_at >= since, jobs.c.parent_id.is_(None)))
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             total = conn.execute(query).scalar_one()
         return money_from_sum(total, dialect).normalize()
 

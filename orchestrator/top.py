@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from orchestrator.admission import Admission, read_sheds
 from orchestrator.costs.report import queue_wait_p95
+from orchestrator.db.engine import reading
 from orchestrator.db.models import JobState, Outcome, attempts, jobs, utcnow
 from orchestrator.settings import Settings
 from orchestrator.tiers import TIER_ORDER
@@ -63,7 +64,7 @@ class Snapshot:
 def _counts(engine: Engine, now: datetime) -> dict[str, dict[str, float]]:
     leaf = jobs.c.lease_expires_at.is_not(None)  # a bulk parent holds no lease
     out: dict[str, dict[str, float]] = {t.value: {} for t in TIER_ORDER}
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         for tier, n in conn.execute(
             select(jobs.c.tier, func.count())
             .where(and_(jobs.c.state == JobState.RUNNING, leaf)).group_by(jobs.c.tier)):

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from orchestrator.db.engine import reading
 from orchestrator.db.models import JobState, jobs, utcnow, windows
 from orchestrator.errors import (
     AlreadyDefined,
@@ -89,7 +90,7 @@ class WindowCatalog:
         now = time.monotonic()
         if self._cache is None or now - self._loaded >= self.ttl_s:
             merged = dict(BUILTIN_WINDOWS)
-            with self.engine.connect() as conn:
+            with reading(self.engine) as conn:
                 for row in conn.execute(select(windows)):
                     merged[row.name] = _from_row(row)
             merged.update(config_windows(self.settings.config(),

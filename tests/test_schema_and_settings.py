@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from orchestrator.db.engine import make_engine, normalize_url
+from orchestrator.db.engine import make_engine, normalize_url, reading
 from orchestrator.db.migrate import current_revision, downgrade, head_revision, upgrade
 from orchestrator.db.models import Base
 from orchestrator.errors import ConfigurationError
@@ -259,3 +260,25 @@ def test_a_pooled_postgres_connection_dropped_while_idle_is_replaced(
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
     finally:
         engine.dispose()
+
+
+def test_sqlite_reads_hold_up_no_writer_while_other_transactions_take_the_write_lock(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "db.sqlite"
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    writer = sqlite3.connect(path, timeout=0, isolation_level=None)  # no busy wait
+    with reading(engine) as conn:  # a report's read, mid-transaction
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 0
+        writer.execute("BEGIN IMMEDIATE")  # a worker's claim goes ahead
+        writer.execute("INSERT INTO t VALUES (1)")
+        writer.execute("COMMIT")
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 0  # its snapshot
+    with engine.connect() as conn:  # not marked as a read: BEGIN IMMEDIATE, the write lock
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            writer.execute("BEGIN IMMEDIATE")
+    writer.close()
+    engine.dispose()

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from orchestrator.costs.prices import PriceTable
+from orchestrator.db.engine import reading
 from orchestrator.db.models import attempts, jobs
 from orchestrator.tiers import Tier
 
@@ -72,7 +73,7 @@ class Breakdown:
 
 def explain(engine: Engine, job_id: str, prices: PriceTable) -> Breakdown | None:
     """The breakdown of one job's cost, or None when no job has that id."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         job = conn.execute(
             select(jobs.c.tier, jobs.c.model, jobs.c.cost, jobs.c.batch_id, jobs.c.batch_size,
                    jobs.c.cpu_seconds, jobs.c["items"]).where(jobs.c.id == job_id)).first()

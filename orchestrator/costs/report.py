@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import aliased
 
 from orchestrator.costs.prices import QUANTUM, round_money
+from orchestrator.db.engine import reading
 from orchestrator.db.models import jobs
 from orchestrator.errors import InvalidOption
 
@@ -186,7 +187,7 @@ def cost_report(engine: Engine, *, by: str = "tenant", since: datetime,
     where = _filters(jobs, since, until, tenant)
     parent = aliased(jobs)
     chunk = aliased(jobs)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         main = conn.execute(
             select(key.label("k"), func.count(), func.coalesce(func.sum(jobs.c["items"]), 0),
                    func.coalesce(func.sum(jobs.c.cpu_seconds), 0.0),
@@ -229,7 +230,7 @@ def daily_spend(engine: Engine, *, since: datetime, until: datetime | None = Non
     dialect = engine.dialect.name
     day = group_key(jobs, "day", dialect)
     out: dict[str, dict[str, Decimal]] = {}
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         for d, name, cost in conn.execute(
             select(day, jobs.c.tenant, exact_sum(jobs.c.cost, dialect))
             .where(_filters(jobs, since, until, tenant))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import ColumnElement, Engine, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
+from orchestrator.db.engine import reading
 from orchestrator.db.models import JobState, UTCDateTime, attempts, job_events, jobs, utcnow
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class StreamGivenUp(Exception):
 
 def window_load(engine: Engine, window: str) -> int:
     """How many of the window's jobs are released and not finished (queued or running)."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return int(conn.execute(
             select(func.count()).select_from(jobs).where(
                 jobs.c.window == window,
@@ -50,7 +51,7 @@ def window_load(engine: Engine, window: str) -> int:
 
 def deferred_counts(engine: Engine) -> dict[str, int]:
     """Window name -> jobs deferred for it."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return {row.window: int(row.n) for row in conn.execute(
             select(jobs.c.window, func.count().label("n"))
             .where(jobs.c.state == JobState.DEFERRED, jobs.c.window.is_not(None))
@@ -89,7 +90,7 @@ def record_events(engine: Engine, events: Iterable[tuple[str, str, str]], *,
 
 
 def events(engine: Engine, job_id: str) -> list[tuple[datetime, str, str | None]]:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [(r.at, r.event, r.detail) for r in conn.execute(
             select(job_events.c.at, job_events.c.event, job_events.c.detail)
             .where(job_events.c.job_id == job_id).order_by(job_events.c.id))]
@@ -109,7 +110,7 @@ def stamp_attempts(engine: Engine, stamps: Sequence[tuple[str, int, str, Decimal
 
 def queued_due(engine: Engine, before: datetime, limit: int) -> list[tuple[str, int]]:
     """Queued jobs due before ``before`` (bulk parents excluded): ``(id, attempts)``."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [(r.id, r.attempts) for r in conn.execute(
             select(jobs.c.id, jobs.c.attempts)
             .where(jobs.c.state == JobState.QUEUED, jobs.c.queued_at < before,
@@ -119,7 +120,7 @@ def queued_due(engine: Engine, before: datetime, limit: int) -> list[tuple[str, 
 
 def lease_expired(engine: Engine, before: datetime, limit: int) -> list[tuple[str, int]]:
     """Running jobs whose lease expired before ``before``: ``(id, attempts)``."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [(r.id, r.attempts) for r in conn.execute(
             select(jobs.c.id, jobs.c.attempts)
             .where(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < before)
@@ -158,7 +159,7 @@ def abandoned_streams(engine: Engine, before: datetime, limit: int
     last staged at)``, oldest first."""
     chunk = jobs.alias("chunk")
     last = func.coalesce(func.max(chunk.c.created_at), jobs.c.created_at, type_=UTCDateTime())
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [(r.id, int(r.staged), r.last) for r in conn.execute(
             select(jobs.c.id, func.count(chunk.c.id).label("staged"), last.label("last"))
             .select_from(jobs.outerjoin(chunk, chunk.c.parent_id == jobs.c.id))

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,8 +45,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take the write lock up front so two
-        # writers wait on busy_timeout instead of failing to upgrade a read lock.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # writers wait on busy_timeout instead of failing to upgrade a read lock (reads opened
+        # with ``reading`` begin deferred, and take no lock).
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     # psycopg prepares a statement after a few executions, and PostgreSQL may then settle on a
     # generic plan costed on the table statistics of that moment: for a jobs table that grew
@@ -120,3 +121,24 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+#: the execution option that marks a connection as reading only (see ``reading``)
+READ_ONLY_OPTION = "orch_read_only"
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only: ``with reading(engine) as conn: ...``.
+
+    On SQLite its transaction is a deferred ``BEGIN``, a WAL reader that neither waits for nor
+    holds up a writer. Every other transaction there starts ``BEGIN IMMEDIATE`` (it takes the
+    write lock up front, so two writers queue on the busy timeout instead of failing to
+    upgrade), which on a read would make reports, ``jobs list`` and metric scrapes stall the
+    workers' claims and the submits for as long as they read. On PostgreSQL, a plain connection.
+    """
+    return engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    read_only = conn.get_execution_options().get(READ_ONLY_OPTION)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from orchestrator.costs.charge import Charge
 from orchestrator.db.deferral import end_stream, staged_chunks
+from orchestrator.db.engine import reading
 from orchestrator.db.models import JobState, UTCDateTime, attempts, jobs, tenants, utcnow
 from orchestrator.db.transitions import Claim, Finish, Transitions, complete_parent
 
@@ -212,7 +213,7 @@ class JobStore(Transitions):
             )
 
     def find_by_key(self, tenant: str, key: str) -> str | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return conn.execute(
                 select(jobs.c.id).where(
                     and_(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)
@@ -222,7 +223,7 @@ class JobStore(Transitions):
     # --- reads -------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobView | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).first()
         return JobView(**row._mapping) if row else None
 
@@ -230,7 +231,7 @@ class JobStore(Transitions):
         if not job_ids:
             return {}
         out: dict[str, JobView] = {}
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             for start in range(0, len(job_ids), 500):
                 chunk = list(job_ids[start:start + 500])
                 for row in conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id.in_(chunk))):
@@ -257,7 +258,7 @@ class JobStore(Transitions):
                 query = query.where(column == value)
         if since is not None:
             query = query.where(jobs.c.created_at >= since)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [JobView(**row._mapping) for row in conn.execute(query)]
 
     def attempts(self, job_id: str) -> list[AttemptView]:
@@ -270,7 +271,7 @@ class JobStore(Transitions):
             .where(attempts.c.job_id == job_id)
             .order_by(attempts.c.number)
         )
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [AttemptView(**row._mapping) for row in conn.execute(query)]
 
     # --- control -----------------------------------------------------------------------------
@@ -330,21 +331,21 @@ class JobStore(Transitions):
             ).scalars())
 
     def tenant_weight(self, tenant: str) -> int:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             weight = conn.execute(
                 select(tenants.c.weight).where(tenants.c.name == tenant)).scalar_one_or_none()
         return int(weight or 1)
 
     def chunk_results(self, parent_id: str) -> list[str]:
         """A bulk job's result files, in item order (not its chunks' payloads: the items)."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [ref for ref in conn.execute(
                 select(jobs.c.result_ref).where(jobs.c.parent_id == parent_id)
                 .order_by(jobs.c.chunk_index)).scalars() if ref]
 
     def chunks(self, parent_id: str) -> list[JobView]:
         """A bulk job's chunks in item order."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [JobView(**row._mapping) for row in conn.execute(
                 select(*_JOB_COLUMNS).where(jobs.c.parent_id == parent_id)
                 .order_by(jobs.c.chunk_index)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, and_, case, or_, select, update
 
+from orchestrator.db.engine import reading
 from orchestrator.db.models import scheduler_lease, utcnow
 from orchestrator.db.store import _insert_ignore
 
@@ -61,7 +62,7 @@ class Lease:
 
     def current(self) -> tuple[str, datetime] | None:
         """``(holder, expires_at)`` of the lease row, if any."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             found = conn.execute(select(scheduler_lease.c.holder, scheduler_lease.c.expires_at)
                                  .where(scheduler_lease.c.name == self.name)).first()
         return None if found is None else (found.holder, found.expires_at)

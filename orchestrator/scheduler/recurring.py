@@ -24,6 +24,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.client import Client, JobHandle, _check_tenant, _parse_tier
+from orchestrator.db.engine import reading
 from orchestrator.db.models import schedules, utcnow
 from orchestrator.errors import (
     AlreadyDefined,
@@ -154,12 +155,12 @@ class ScheduleStore:
                 raise NotDefined(f"no schedule {name!r}")
 
     def all(self) -> list[ScheduleSpec]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [_spec(row) for row in conn.execute(select(schedules)
                                                        .order_by(schedules.c.name))]
 
     def get(self, name: str) -> ScheduleSpec | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(schedules).where(schedules.c.name == name)).first()
         return None if row is None else _spec(row)
 
