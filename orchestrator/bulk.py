@@ -99,6 +99,7 @@ def submit_bulk(
     policy = client.settings.policy(tier)
     max_attempts = spec.retry.resolve(policy).max_attempts or policy.max_attempts
     _check_params(spec, field, params)  # before reading anything
+    client._check_model(spec, spec.schema.model_construct(**{**params, field: []}), tier)
     parent = NewJob(
         tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
         payload={**params, "bulk": {"field": field, "chunk_size": size}},

@@ -39,6 +39,7 @@ from orchestrator.errors import (
     ServiceUnavailable,
 )
 from orchestrator.kinds import KindSpec
+from orchestrator.model_check import ModelCheck
 from orchestrator.quotas import UNREAD, VERSION_KEY, Quotas
 from orchestrator.results import decode_result, iter_rows
 from orchestrator.services import Services, done_channel
@@ -115,6 +116,7 @@ class Client:
                                 processing_ttl_s=services.settings.visibility_timeout_s)
         self._admission = Admission(services.redis, services.settings, also_read=VERSION_KEY)
         self._quotas = Quotas(services.engine, services.redis)
+        self._models = ModelCheck(services.redis)
         self.windows = WindowCatalog(services.engine, services.settings)
 
     @classmethod
@@ -181,6 +183,7 @@ class Client:
         spec = self.services.kinds.get(kind)
         model = spec.validate(payload)
         chosen = _parse_tier(tier) if tier is not None else spec.tier
+        self._check_model(spec, model, chosen)
         _check_tenant(tenant)
         _check_key(idempotency_key)
         due = _parse_deadline(deadline)
@@ -321,6 +324,12 @@ class Client:
                 f"kinds {', '.join(chosen.kinds or ('all',))}; this job is a {tier.value} "
                 f"{spec.name!r} job")
         return _opens_again(chosen)
+
+    def _check_model(self, spec: KindSpec, payload: BaseModel, tier: Tier) -> None:
+        """Raises: InvalidPayload when no live worker of ``tier`` holds the payload's model."""
+        ref = spec.model_of(payload) if spec.model_of is not None else None
+        if ref is not None:
+            self._models.check(spec.name, tier, *ref)
 
     def _admit(self, tier: Tier, tenant: str, idempotency_key: str | None, *,
                shed: bool = True, spend_rate: bool = True) -> None:

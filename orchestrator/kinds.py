@@ -122,6 +122,9 @@ class KindSpec:
     setup: Callable[[Any], Any] | None = None
     #: the off-peak window this kind's jobs wait for unless a submit names another (or none)
     window: str | None = None
+    #: the model a validated payload runs, ``(family, name)``; a submit naming one that no
+    #: live worker of its tier holds is refused (``orchestrator.model_check``)
+    model_of: Callable[[Any], tuple[str, str] | None] | None = None
 
     def batch_key(self, model: BaseModel) -> str:
         """The coalescing key of a validated payload ("-" when the kind has none)."""
@@ -168,6 +171,7 @@ class KindRegistry:
         batch: BatchPolicy | None = None,
         setup: Callable[[Any], Any] | None = None,
         window: str | None = None,
+        model_of: Callable[[Any], tuple[str, str] | None] | None = None,
     ) -> Callable[[KindFn], KindFn]:
         """Declare a job kind.
 
@@ -175,7 +179,9 @@ class KindRegistry:
         is ``fn(payloads, ctx) -> results``: one result per payload, in order; an item may be
         an exception instance to fail that job alone. ``setup(settings)`` runs once per worker
         process (models, sessions) and its value is ``ctx.resources``. ``window`` names the
-        off-peak window the kind's jobs wait for by default.
+        off-peak window the kind's jobs wait for by default. ``model_of(payload)`` names the
+        model a payload runs, ``(family, name)`` (None: none), for the submit-time check that
+        a live worker holds it.
 
         Raises:
             ConfigurationError: the name is taken, the tier is unknown or the schema is not a
@@ -197,7 +203,7 @@ class KindRegistry:
             spec = KindSpec(
                 name=name, fn=fn, schema=schema, tier=tier, retry=retry,
                 description=(fn.__doc__ or "").strip().split("\n")[0], module=fn.__module__,
-                batch=batch, setup=setup, window=window,
+                batch=batch, setup=setup, window=window, model_of=model_of,
             )
             with self._lock:
                 existing = self._kinds.get(name)

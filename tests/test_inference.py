@@ -14,6 +14,8 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.conftest import WorkerProcess
 from workers.models.builders import build_scoring_models, build_tiny_embedding_model
+from workers.models.catalog import installed
+from workers.registry import register
 from workers.runtime import Runtime
 
 
@@ -166,6 +168,9 @@ def test_embed_and_score_run_end_to_end_on_all_three_tiers(
     jobs = client.wait(handles, timeout=60)
     assert [j.state for j in jobs] == ["succeeded"] * len(jobs)
     assert {j.tier for j in jobs} == {"interactive", "nearline", "offline"}
+    # The live worker announced its models: one it does not hold is refused at the edge.
+    with pytest.raises(InvalidPayload, match="has the embedding model 'not-exported'"):
+        client.submit("embed", {"texts": ["x"], "model": "not-exported"})
 
 
 def test_an_exported_model_truncates_texts_where_its_manifest_says(models: Path) -> None:
@@ -195,3 +200,57 @@ def test_arrays_are_stored_as_bytes_and_come_back_exactly() -> None:
                 np.arange(6, dtype=">i4").reshape(2, 3).T):
         again = decode_result(json.loads(json.dumps(encode_array(odd))))
         assert again.shape == np.shape(odd) and np.array_equal(again, odd)
+
+
+def _announce(client: Client, name: str, tiers: list[str],
+              models: dict[str, list[str]] | None) -> None:
+    register(client.services.redis, name, tiers, 1, models=models)
+
+
+def _jobs(client: Client) -> int:
+    return len(client.services.store.find(limit=1000))
+
+
+def test_a_model_no_live_worker_of_the_tier_holds_is_refused_at_submit(client: Client) -> None:
+    _announce(client, "w1", ["interactive"], {"embedding": ["tiny"], "scoring": []})
+    _announce(client, "w2", ["interactive", "offline"], {"embedding": ["other"], "scoring": []})
+    with pytest.raises(InvalidPayload) as refused:
+        client.submit("embed", {"texts": ["x"], "model": "missing"})
+    [error] = refused.value.errors
+    assert error["loc"] == ("model",) and error["type"] == "model_unavailable"
+    assert "(they have: other, tiny)" in error["msg"]
+    with pytest.raises(InvalidPayload, match="'missing'"):  # a bulk submit, before any item
+        client.submit_bulk("embed", iter(["a", "b"]), params={"model": "missing"},
+                           tier="offline")
+    with pytest.raises(InvalidPayload, match="scoring model 'scoring-synthetic'"):
+        client.submit("score", {"rows": [[0.5] * 16]}, tier="interactive")
+    assert _jobs(client) == 0  # refused: nothing stored
+    client.submit("embed", {"texts": ["x"], "model": "tiny"})  # held by one of them
+    client.submit("embed", {"texts": ["x"], "model": "tiny"}, tier="nearline")  # no live
+    # worker serves nearline: the job waits for one, which may bring the model
+    assert _jobs(client) == 2
+
+
+def test_a_model_exported_a_moment_ago_is_not_refused_from_a_stale_reading(
+    client: Client
+) -> None:
+    _announce(client, "w1", ["interactive"], {"embedding": ["tiny"], "scoring": []})
+    client.submit("embed", {"texts": ["x"], "model": "tiny"})  # the reading is now cached
+    _announce(client, "w1", ["interactive"], {"embedding": ["tiny", "new"], "scoring": []})
+    client.submit("embed", {"texts": ["x"], "model": "new"})
+
+
+def test_workers_that_do_not_announce_their_models_are_not_second_guessed(
+    client: Client
+) -> None:
+    _announce(client, "w1", ["interactive"], {"embedding": ["tiny"], "scoring": []})
+    _announce(client, "old", ["interactive"], None)  # a worker from before the announcement
+    client.submit("embed", {"texts": ["x"], "model": "anything"})
+
+
+def test_a_worker_announces_the_models_it_can_open(models: Path) -> None:
+    (models / "half-exported").mkdir()
+    (models / "half-exported" / "tokenizer.json").write_text("{}")
+    assert installed(models, "int8") == {"embedding": ["tiny"], "scoring": ["scoring-synthetic"]}
+    assert installed(models, "fp32") == {"embedding": [], "scoring": ["scoring-synthetic"]}
+    assert installed(models / "nowhere", "int8") == {"embedding": [], "scoring": []}

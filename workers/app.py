@@ -7,6 +7,7 @@ All Celery signal handlers are connected here, in one place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from orchestrator.metrics import mark_process_dead, serve
 from orchestrator.services import Services, open_database
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
+from workers.models.catalog import installed
 from workers.registry import Heartbeat
 from workers.runtime import Runtime
 
@@ -149,7 +151,8 @@ def run_worker(settings: Settings, tiers: list[Tier], concurrency: int, *,
             server = serve(metrics_port, multiprocess_dir=Path(os.environ[METRICS_ENV]))
         registry = redis.Redis.from_url(settings.redis_url(), socket_connect_timeout=5)
         try:
-            with Heartbeat(registry, name, tiers, concurrency):
+            with Heartbeat(registry, name, tiers, concurrency, models=functools.partial(
+                    installed, settings.model_dir, settings.embed_variant)):
                 worker.start()
         finally:
             registry.close()

@@ -1,9 +1,11 @@
 """Worker registration: admission control counts the slots of live workers per tier.
 
 A worker's main process (not its pool processes) runs a ``Heartbeat`` thread that rewrites
-``orch:workers:<name>`` = ``{"tiers": [...], "concurrency": n}`` every ``interval_s`` with a
-time to live of three intervals, so a worker killed without a goodbye drops out within three
-heartbeats; a clean stop removes its entry at once.
+``orch:workers:<name>`` = ``{"tiers": [...], "concurrency": n, "models": {family: [names]}}``
+every ``interval_s`` with a time to live of three intervals, so a worker killed without a
+goodbye drops out within three heartbeats; a clean stop removes its entry at once. ``models``
+(what its model dir holds, looked at again on every beat) lets a submit naming a model no live
+worker has be refused at the edge (``orchestrator.model_check``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import redis
 
@@ -24,8 +26,10 @@ HEARTBEAT_S = 5.0
 
 
 def register(client: redis.Redis, name: str, tiers: Sequence[Tier | str], concurrency: int,
-             *, ttl_s: float = 3 * HEARTBEAT_S) -> None:
-    """Announce (or renew) a worker serving ``tiers`` with ``concurrency`` slots.
+             *, ttl_s: float = 3 * HEARTBEAT_S,
+             models: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Announce (or renew) a worker serving ``tiers`` with ``concurrency`` slots (and holding
+    ``models``, family -> names; None: it does not say).
 
     Raises:
         ValueError: a tier is unknown or ``concurrency`` is below 1.
@@ -33,7 +37,11 @@ def register(client: redis.Redis, name: str, tiers: Sequence[Tier | str], concur
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    entry = json.dumps({"tiers": [Tier(t).value for t in tiers], "concurrency": concurrency})
+    fields: dict[str, object] = {"tiers": [Tier(t).value for t in tiers],
+                                 "concurrency": concurrency}
+    if models is not None:
+        fields["models"] = {family: list(names) for family, names in models.items()}
+    entry = json.dumps(fields)
     pipe = client.pipeline(transaction=False)
     pipe.set(worker_key(name), entry, px=max(int(ttl_s * 1000), 1))
     pipe.sadd(WORKERS_SET, name)
@@ -52,8 +60,11 @@ class Heartbeat:
     """Keeps one worker registered while it runs; use as a context manager."""
 
     def __init__(self, client: redis.Redis, name: str, tiers: Sequence[Tier], concurrency: int,
-                 *, interval_s: float = HEARTBEAT_S) -> None:
+                 *, interval_s: float = HEARTBEAT_S,
+                 models: Callable[[], Mapping[str, Sequence[str]]] | None = None) -> None:
+        """``models``: what the worker holds, asked again on every beat."""
         self.redis = client
+        self.models = models
         self.name = name
         self.tiers = list(tiers)
         self.concurrency = concurrency
@@ -64,8 +75,13 @@ class Heartbeat:
 
     def _beat(self) -> None:
         try:
+            models = self.models() if self.models is not None else None
+        except Exception:  # announce nothing rather than stop beating
+            log.warning("worker %s: could not list its models", self.name, exc_info=True)
+            models = None
+        try:
             register(self.redis, self.name, self.tiers, self.concurrency,
-                     ttl_s=3 * self.interval_s)
+                     ttl_s=3 * self.interval_s, models=models)
         except redis.RedisError:
             log.warning("worker %s: registry heartbeat failed", self.name, exc_info=True)
 

@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from orchestrator.errors import ConfigurationError, PermanentError
 from orchestrator.kinds import BatchPolicy, JobContext, kind
+from orchestrator.model_check import EMBEDDING, SCORING
 from orchestrator.settings import Settings
 from workers.models.embedding import DEFAULT_EMBEDDING_MODEL, EmbeddingModel
-from workers.models.scoring import DEFAULT_SCORING_MODEL, EscalatingScorer, ScoringModel
+from workers.models.scoring import DEFAULT_SCORING_MODEL, SIZES, EscalatingScorer, ScoringModel
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ModelCache:
                 self._scorers[name] = tuple(  # type: ignore[assignment]
                     ScoringModel.from_dir(self.settings.model_dir, size, name=name,
                                           intra_op_threads=self.settings.model_threads)
-                    for size in ("small", "large"))
+                    for size in SIZES)
             except ConfigurationError as e:
                 raise PermanentError(f"scoring model {name!r} unavailable: {e}") from e
         small, large = self._scorers[name]
@@ -95,7 +96,7 @@ class EmbedPayload(BaseModel):
 @kind(
     "embed", schema=EmbedPayload, tier="interactive",
     batch=BatchPolicy(key=lambda p: p.model, bulk_field="texts", chunk_size=1024),
-    setup=setup_models,
+    setup=setup_models, model_of=lambda p: (EMBEDDING, p.model),
 )
 def embed(payloads: list[EmbedPayload], ctx: JobContext) -> list[np.ndarray]:
     """Embed every text of every job in model calls of ``ORCH_MODEL_BATCH`` texts."""
@@ -151,7 +152,7 @@ def _threshold_key(threshold: float) -> str:
     "score", schema=ScorePayload, tier="nearline",
     batch=BatchPolicy(key=lambda p: f"{p.model}@{_threshold_key(p.threshold)}",
                       bulk_field="rows", chunk_size=4096),
-    setup=setup_models,
+    setup=setup_models, model_of=lambda p: (SCORING, p.model),
 )
 def score(payloads: list[ScorePayload], ctx: JobContext) -> list[Any]:
     """Score every row; each result row says which model answered and whether it escalated."""

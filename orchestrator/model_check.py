@@ -1,0 +1,124 @@
+"""At submit, a job that names a model no live worker of its tier has is refused.
+
+Each worker announces the models its model dir holds with its registry heartbeat
+(``workers.registry``; the entry's ``"models"`` maps a family, ``embedding`` or ``scoring``, to
+names). A kind that runs a model says which one a payload names (``kind(model_of=...)``), and
+``Client.submit`` checks it against the union of what the tier's live workers hold, the way an
+inference server answers "model not found" at request time instead of after the queue.
+
+The check only refuses what it knows: with no live worker serving the tier (the job waits for
+one, which may bring the model), or a live one that does not announce its models, or Redis not
+answering, the submit goes ahead and a worker without the model fails the job as before. The
+announcements are read at most every ``CACHE_S`` per client; a name missing from that reading is
+looked up again before a refusal, so a model is accepted within a heartbeat of its export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis
+
+from orchestrator.admission import WORKERS_SET, worker_key
+from orchestrator.errors import InvalidPayload
+from orchestrator.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = "embedding"
+SCORING = "scoring"
+#: a worker announces at most this many models of a family
+MAX_ANNOUNCED = 1000
+#: seconds a reading of the workers' announcements is reused
+CACHE_S = 5.0
+
+#: family -> names the live workers of a tier hold; None: not known
+Holdings = Mapping[str, frozenset[str]] | None
+
+
+class ModelCheck:
+    """Refuses submits whose model no live worker of their tier holds."""
+
+    def __init__(self, client: redis.Redis, *, cache_s: float = CACHE_S) -> None:
+        self.redis = client
+        self.cache_s = cache_s
+        self._lock = threading.Lock()
+        self._read_at = -float("inf")
+        self._entries: list[_Entry] = []
+
+    def check(self, kind: str, tier: Tier, family: str, name: str) -> None:
+        """Raises: InvalidPayload (on the payload's ``model``) when the tier's live workers all
+        announce their models and none holds ``name``."""
+        held = self._holdings(tier, fresh=False)
+        if held is None or name in held.get(family, ()):
+            return
+        held = self._holdings(tier, fresh=True)  # exported a moment ago?
+        if held is None or name in held.get(family, ()):
+            return
+        have = ", ".join(sorted(held.get(family, ()))) or "none"
+        raise InvalidPayload(kind, [{
+            "loc": ("model",), "type": "model_unavailable",
+            "msg": (f"no live worker of the {tier.value} tier has the {family} model "
+                    f"{name!r} in its model dir (they have: {have}); export it there "
+                    f"(`orchestrator models export`) or name another"),
+        }])
+
+    def _holdings(self, tier: Tier, *, fresh: bool) -> Holdings:
+        with self._lock:
+            now = time.monotonic()
+            if fresh or now - self._read_at >= self.cache_s:
+                try:
+                    self._entries = self._read()
+                except redis.RedisError:
+                    log.debug("model check skipped: Redis does not answer", exc_info=True)
+                    return None
+                self._read_at = now
+            entries = [e for e in self._entries if tier.value in e.tiers]
+        if not entries or any(e.models is None for e in entries):
+            return None
+        held: dict[str, set[str]] = {}
+        for entry in entries:
+            for family, names in (entry.models or {}).items():
+                held.setdefault(family, set()).update(names)
+        return {family: frozenset(names) for family, names in held.items()}
+
+    def _read(self) -> list[_Entry]:
+        names = sorted(n.decode() if isinstance(n, bytes) else str(n)
+                       for n in self.redis.smembers(WORKERS_SET))
+        if not names:
+            return []
+        out = []
+        for raw in self.redis.mget([worker_key(n) for n in names]):
+            if raw is None:  # gone without a goodbye (its entry expired)
+                continue
+            entry = _Entry.parse(raw)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What the check reads of a worker's registry entry."""
+
+    tiers: frozenset[str]
+    #: family -> model names; None when the worker does not announce its models
+    models: dict[str, frozenset[str]] | None
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> _Entry | None:
+        try:
+            entry = json.loads(raw)
+            tiers = frozenset(str(t) for t in entry["tiers"])
+            models = entry.get("models")
+            if not isinstance(models, dict):
+                return cls(tiers, None)
+            return cls(tiers, {str(f): frozenset(str(n) for n in names)
+                               for f, names in models.items() if isinstance(names, list)})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # malformed: admission control logs it

@@ -1,0 +1,38 @@
+"""What a worker's model dir holds, by family, announced with its registry heartbeat.
+
+A submit that names a model no live worker of its tier has is then refused at the edge
+(``orchestrator.model_check``) instead of failing in a worker after it waited its turn.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from orchestrator.model_check import EMBEDDING, MAX_ANNOUNCED, SCORING
+from workers.models.embedding import embedding_files
+from workers.models.scoring import SIZES
+
+log = logging.getLogger(__name__)
+
+
+def installed(model_dir: Path, embed_variant: str) -> dict[str, list[str]]:
+    """Family -> names of the models a worker can open: an embedding model whose graph of
+    ``embed_variant`` and tokenizer are there, a scorer whose small and large graphs are."""
+    out: dict[str, list[str]] = {EMBEDDING: [], SCORING: []}
+    try:
+        subdirs = sorted(p.name for p in Path(model_dir).iterdir() if p.is_dir())
+    except OSError:  # no model dir yet: no models
+        return out
+    for name in subdirs:
+        graph, tokenizer = embedding_files(Path(model_dir), name, embed_variant)
+        if graph.is_file() and tokenizer.is_file():
+            out[EMBEDDING].append(name)
+        if all((Path(model_dir) / name / f"model-{size}.onnx").is_file() for size in SIZES):
+            out[SCORING].append(name)
+    for family, names in out.items():
+        if len(names) > MAX_ANNOUNCED:
+            log.warning("model dir %s holds %d %s models; announcing the first %d",
+                        model_dir, len(names), family, MAX_ANNOUNCED)
+            out[family] = names[:MAX_ANNOUNCED]
+    return out
