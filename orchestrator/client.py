@@ -116,7 +116,8 @@ class Client:
                                 processing_ttl_s=services.settings.visibility_timeout_s)
         self._admission = Admission(services.redis, services.settings, also_read=VERSION_KEY)
         self._quotas = Quotas(services.engine, services.redis)
-        self._models = ModelCheck(services.redis)
+        self._models = ModelCheck(services.redis, model_dir=services.settings.model_dir,
+                                  embed_variant=services.settings.embed_variant)
         self.windows = WindowCatalog(services.engine, services.settings)
 
     @classmethod

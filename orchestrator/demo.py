@@ -145,6 +145,9 @@ def run_demo(settings: Settings | None = None, *, console: Console | None = None
     started = time.monotonic()
     with Client.from_settings(settings) as client:
         logs = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
+        # Before the workers start: each announces the models its model dir holds, and a submit
+        # naming one that no live worker holds is refused.
+        model = prepare_models(settings, console)
         workers = [
             LocalWorker(settings, tiers="interactive", concurrency=1,
                         name="demo-interactive@local", log=logs / "interactive.log"),
@@ -156,7 +159,6 @@ def run_demo(settings: Settings | None = None, *, console: Console | None = None
                 worker.wait_ready()
             console.print(f"workers ready: {', '.join(w.name for w in workers)} "
                           f"(logs in {logs})")
-            model = prepare_models(settings, console)
             handles, duplicates_ok, refused = _submit_and_follow(client, rng, console, model)
             jobs = client.wait(handles, timeout=120)
             window_jobs = _window_step(client, settings, console, jobs, model)

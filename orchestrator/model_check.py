@@ -10,7 +10,9 @@ The check only refuses what it knows: with no live worker serving the tier (the 
 one, which may bring the model), or a live one that does not announce its models, or Redis not
 answering, the submit goes ahead and a worker without the model fails the job as before. The
 announcements are read at most every ``CACHE_S`` per client; a name missing from that reading is
-looked up again before a refusal, so a model is accepted within a heartbeat of its export.
+looked up again before a refusal, and a model the client's own model dir holds (the embedded
+default, or a shared dir, where the workers find it too) is never refused, so a model exported
+while workers run is accepted at once there, elsewhere within a heartbeat.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
@@ -32,6 +35,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
 SCORING = "scoring"
+#: an embedding model's tokenizer, beside its graph ``model-<variant>.onnx``
+TOKENIZER_FILE = "tokenizer.json"
+#: the two graphs of a scorer pair, ``model-<size>.onnx``: every row, then the unsure ones
+SCORER_SIZES = ("small", "large")
 #: a worker announces at most this many models of a family
 MAX_ANNOUNCED = 1000
 #: seconds a reading of the workers' announcements is reused
@@ -41,12 +48,31 @@ CACHE_S = 5.0
 Holdings = Mapping[str, frozenset[str]] | None
 
 
+def model_files(model_dir: Path, family: str, name: str, embed_variant: str) -> list[Path]:
+    """The files a worker opens for a model: the model dir's layout."""
+    base = Path(model_dir) / name
+    if family == EMBEDDING:
+        return [base / f"model-{embed_variant}.onnx", base / TOKENIZER_FILE]
+    if family == SCORING:
+        return [base / f"model-{size}.onnx" for size in SCORER_SIZES]
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def holds(model_dir: Path, family: str, name: str, embed_variant: str) -> bool:
+    """Whether ``model_dir`` holds every file of the model."""
+    return all(path.is_file() for path in model_files(model_dir, family, name, embed_variant))
+
+
 class ModelCheck:
     """Refuses submits whose model no live worker of their tier holds."""
 
-    def __init__(self, client: redis.Redis, *, cache_s: float = CACHE_S) -> None:
+    def __init__(self, client: redis.Redis, *, cache_s: float = CACHE_S,
+                 model_dir: Path | None = None, embed_variant: str = "int8") -> None:
+        """``model_dir``: the client's own (see the module docstring)."""
         self.redis = client
         self.cache_s = cache_s
+        self.model_dir = model_dir
+        self.embed_variant = embed_variant
         self._lock = threading.Lock()
         self._read_at = -float("inf")
         self._entries: list[_Entry] = []
@@ -59,6 +85,9 @@ class ModelCheck:
             return
         held = self._holdings(tier, fresh=True)  # exported a moment ago?
         if held is None or name in held.get(family, ()):
+            return
+        if self.model_dir is not None and holds(self.model_dir, family, name,
+                                                 self.embed_variant):
             return
         have = ", ".join(sorted(held.get(family, ()))) or "none"
         raise InvalidPayload(kind, [{

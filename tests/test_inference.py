@@ -240,6 +240,18 @@ def test_a_model_exported_a_moment_ago_is_not_refused_from_a_stale_reading(
     client.submit("embed", {"texts": ["x"], "model": "new"})
 
 
+def test_a_model_the_clients_own_model_dir_holds_is_never_refused(
+    client: Client, models: Path
+) -> None:
+    # The embedded default: workers share the client's model dir, and find a model exported
+    # since their last heartbeat there.
+    _announce(client, "w1", ["interactive", "nearline"], {"embedding": [], "scoring": []})
+    client.submit("embed", {"texts": ["x"], "model": "tiny"})
+    client.submit("score", {"rows": [[0.5] * 16]})
+    with pytest.raises(InvalidPayload, match="'missing'"):
+        client.submit("embed", {"texts": ["x"], "model": "missing"})
+
+
 def test_workers_that_do_not_announce_their_models_are_not_second_guessed(
     client: Client
 ) -> None:

@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from orchestrator.errors import ConfigurationError, PermanentError
 from orchestrator.kinds import BatchPolicy, JobContext, kind
-from orchestrator.model_check import EMBEDDING, SCORING
+from orchestrator.model_check import EMBEDDING, SCORER_SIZES, SCORING
 from orchestrator.settings import Settings
 from workers.models.embedding import DEFAULT_EMBEDDING_MODEL, EmbeddingModel
-from workers.models.scoring import DEFAULT_SCORING_MODEL, SIZES, EscalatingScorer, ScoringModel
+from workers.models.scoring import DEFAULT_SCORING_MODEL, EscalatingScorer, ScoringModel
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ModelCache:
                 self._scorers[name] = tuple(  # type: ignore[assignment]
                     ScoringModel.from_dir(self.settings.model_dir, size, name=name,
                                           intra_op_threads=self.settings.model_threads)
-                    for size in SIZES)
+                    for size in SCORER_SIZES)
             except ConfigurationError as e:
                 raise PermanentError(f"scoring model {name!r} unavailable: {e}") from e
         small, large = self._scorers[name]

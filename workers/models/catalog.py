@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from orchestrator.model_check import EMBEDDING, MAX_ANNOUNCED, SCORING
-from workers.models.embedding import embedding_files
-from workers.models.scoring import SIZES
+from orchestrator.model_check import EMBEDDING, MAX_ANNOUNCED, SCORING, holds
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +23,9 @@ def installed(model_dir: Path, embed_variant: str) -> dict[str, list[str]]:
     except OSError:  # no model dir yet: no models
         return out
     for name in subdirs:
-        graph, tokenizer = embedding_files(Path(model_dir), name, embed_variant)
-        if graph.is_file() and tokenizer.is_file():
-            out[EMBEDDING].append(name)
-        if all((Path(model_dir) / name / f"model-{size}.onnx").is_file() for size in SIZES):
-            out[SCORING].append(name)
+        for family, names in out.items():
+            if holds(Path(model_dir), family, name, embed_variant):
+                names.append(name)
     for family, names in out.items():
         if len(names) > MAX_ANNOUNCED:
             log.warning("model dir %s holds %d %s models; announcing the first %d",

@@ -33,10 +33,10 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from orchestrator.errors import ConfigurationError, PermanentError
+from orchestrator.model_check import EMBEDDING, model_files
 from workers.models._session import open_session
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
-TOKENIZER_FILE = "tokenizer.json"
 #: what an export wrote, next to its files (``workers.models.export``)
 MANIFEST = "manifest.json"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -48,7 +48,8 @@ _INT_TYPES: dict[str, type[np.integer[Any]]] = {
 
 def embedding_files(model_dir: Path, name: str, variant: str) -> tuple[Path, Path]:
     """Where a model's graph and tokenizer live in the model dir layout."""
-    return model_dir / name / f"model-{variant}.onnx", model_dir / name / TOKENIZER_FILE
+    graph, tokenizer = model_files(model_dir, EMBEDDING, name, variant)
+    return graph, tokenizer
 
 
 class EmbeddingModel:

@@ -27,13 +27,9 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import ConfigurationError
+from orchestrator.model_check import TOKENIZER_FILE
 from workers.models.builders import build_scoring_models
-from workers.models.embedding import (
-    DEFAULT_EMBEDDING_MODEL,
-    MANIFEST,
-    TOKENIZER_FILE,
-    EmbeddingModel,
-)
+from workers.models.embedding import DEFAULT_EMBEDDING_MODEL, MANIFEST, EmbeddingModel
 from workers.models.scoring import DEFAULT_SCORING_MODEL, ScoringModel
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,6 @@ DEFAULT_SCORING_MODEL = "scoring-synthetic"
 PROBABILITIES = "probabilities"
 
 
-#: the two graphs of a scorer pair, ``model-<size>.onnx``: every row, then the unsure ones
-SIZES = ("small", "large")
-
 class ScoringModel:
     """One onnxruntime session over a classifier that outputs class probabilities."""
 
