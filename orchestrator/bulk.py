@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import BaseModel
 from redis import RedisError
 
 from orchestrator.db.deferral import StreamGivenUp, defer_chunks, is_streaming
@@ -45,9 +46,9 @@ def result_dir(client: Client, parent_id: str) -> str:
 
 
 def _chunk_payload(spec: KindSpec, field: str, items: list[Any], params: dict[str, Any],
-                   offset: int) -> dict[str, Any]:
+                   offset: int) -> BaseModel:
     try:
-        return spec.validate({**params, field: items}).model_dump(mode="json")
+        return spec.validate({**params, field: items})
     except InvalidPayload as e:
         errors = []
         for err in e.errors:
@@ -99,7 +100,6 @@ def submit_bulk(
     policy = client.settings.policy(tier)
     max_attempts = spec.retry.resolve(policy).max_attempts or policy.max_attempts
     _check_params(spec, field, params)  # before reading anything
-    client._check_model(spec, spec.schema.model_construct(**{**params, field: []}), tier)
     parent = NewJob(
         tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
         payload={**params, "bulk": {"field": field, "chunk_size": size}},
@@ -122,7 +122,10 @@ def submit_bulk(
     total = 0
     try:
         for index, chunk in enumerate(_chunks(iter(items), size)):
-            payload = _chunk_payload(spec, field, chunk, params, total)
+            validated = _chunk_payload(spec, field, chunk, params, total)
+            if index == 0:  # its model, as validation normalised it (the params alone do not
+                client._check_model(spec, validated, tier)  # validate without items)
+            payload = validated.model_dump(mode="json")
             store.create(NewJob(
                 tenant=tenant, kind=kind, tier=tier.value, priority=policy.priority,
                 payload=payload, max_attempts=max_attempts, parent_id=parent_id,

@@ -1,10 +1,11 @@
 """At submit, a job that names a model no live worker of its tier has is refused.
 
 Each worker announces the models its model dir holds with its registry heartbeat
-(``workers.registry``; the entry's ``"models"`` maps a family, ``embedding`` or ``scoring``, to
-names). A kind that runs a model says which one a payload names (``kind(model_of=...)``), and
-``Client.submit`` checks it against the union of what the tier's live workers hold, the way an
-inference server answers "model not found" at request time instead of after the queue.
+(``workers.registry``: ``orch:worker-models:<name>`` maps a family, ``embedding`` or
+``scoring``, to names). A kind that runs a model says which one a payload names
+(``kind(model_of=...)``), and ``Client.submit`` checks it against the union of what the tier's
+live workers hold, the way an inference server answers "model not found" at request time
+instead of after the queue.
 
 The check only refuses what it knows: with no live worker serving the tier (the job waits for
 one, which may bring the model), or a live one that does not announce its models, or Redis not
@@ -39,10 +40,17 @@ SCORING = "scoring"
 TOKENIZER_FILE = "tokenizer.json"
 #: the two graphs of a scorer pair, ``model-<size>.onnx``: every row, then the unsure ones
 SCORER_SIZES = ("small", "large")
-#: a worker announces at most this many models of a family
+#: a worker whose model dir holds more models of a family than this announces none (the check
+#: then stays out of the way, rather than refuse the ones left out)
 MAX_ANNOUNCED = 1000
 #: seconds a reading of the workers' announcements is reused
 CACHE_S = 5.0
+MODELS_KEY_PREFIX = "orch:worker-models:"
+
+
+def models_key(worker: str) -> str:
+    """Where a worker announces its models (apart from its registry entry: see the registry)."""
+    return f"{MODELS_KEY_PREFIX}{worker}"
 
 #: family -> names the live workers of a tier hold; None: not known
 Holdings = Mapping[str, frozenset[str]] | None
@@ -59,7 +67,9 @@ def model_files(model_dir: Path, family: str, name: str, embed_variant: str) -> 
 
 
 def holds(model_dir: Path, family: str, name: str, embed_variant: str) -> bool:
-    """Whether ``model_dir`` holds every file of the model."""
+    """Whether ``model_dir`` holds every file of the model (False for an unknown family)."""
+    if family not in (EMBEDDING, SCORING):
+        return False
     return all(path.is_file() for path in model_files(model_dir, family, name, embed_variant))
 
 
@@ -81,11 +91,11 @@ class ModelCheck:
         """Raises: InvalidPayload (on the payload's ``model``) when the tier's live workers all
         announce their models and none holds ``name``."""
         held = self._holdings(tier, fresh=False)
-        if held is None or name in held.get(family, ()):
+        if held is None or family not in held or name in held[family]:
             return
         held = self._holdings(tier, fresh=True)  # exported a moment ago?
-        if held is None or name in held.get(family, ()):
-            return
+        if held is None or family not in held or name in held[family]:
+            return  # (a family no worker announces is not theirs to judge)
         if self.model_dir is not None and holds(self.model_dir, family, name,
                                                  self.embed_variant):
             return
@@ -121,11 +131,12 @@ class ModelCheck:
                        for n in self.redis.smembers(WORKERS_SET))
         if not names:
             return []
+        raw = self.redis.mget([key for n in names for key in (worker_key(n), models_key(n))])
         out = []
-        for raw in self.redis.mget([worker_key(n) for n in names]):
-            if raw is None:  # gone without a goodbye (its entry expired)
+        for entry_raw, models_raw in zip(raw[::2], raw[1::2], strict=True):
+            if entry_raw is None:  # gone without a goodbye (its entry expired)
                 continue
-            entry = _Entry.parse(raw)
+            entry = _Entry.parse(entry_raw, models_raw)
             if entry is not None:
                 out.append(entry)
         return out
@@ -133,21 +144,23 @@ class ModelCheck:
 
 @dataclass(frozen=True)
 class _Entry:
-    """What the check reads of a worker's registry entry."""
+    """What the check reads of a live worker: its tiers and the models it announces."""
 
     tiers: frozenset[str]
     #: family -> model names; None when the worker does not announce its models
     models: dict[str, frozenset[str]] | None
 
     @classmethod
-    def parse(cls, raw: bytes | str) -> _Entry | None:
+    def parse(cls, entry_raw: bytes | str, models_raw: bytes | str | None) -> _Entry | None:
         try:
-            entry = json.loads(raw)
-            tiers = frozenset(str(t) for t in entry["tiers"])
-            models = entry.get("models")
-            if not isinstance(models, dict):
-                return cls(tiers, None)
-            return cls(tiers, {str(f): frozenset(str(n) for n in names)
-                               for f, names in models.items() if isinstance(names, list)})
-        except (ValueError, KeyError, TypeError, AttributeError):
+            tiers = frozenset(str(t) for t in json.loads(entry_raw)["tiers"])
+        except (ValueError, KeyError, TypeError):
             return None  # malformed: admission control logs it
+        try:
+            models = json.loads(models_raw) if models_raw is not None else None
+        except ValueError:
+            models = None
+        if not isinstance(models, dict):
+            return cls(tiers, None)
+        return cls(tiers, {str(f): frozenset(str(n) for n in names)
+                           for f, names in models.items() if isinstance(names, list)})

@@ -64,6 +64,10 @@ local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
 local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+-- Under one rule the stored time is at most one interval past a full burst; further ahead, it
+-- was set under an older, slower rule (1/day raised to 100/s), whose wait is not kept: the new
+-- rule starts as if its burst had just been used up.
+if tat > now + tolerance + interval then tat = now + tolerance end
 local allowed_at = tat - tolerance
 if now < allowed_at then return {0, allowed_at - now} end
 if ARGV[3] == '1' then
@@ -429,4 +433,5 @@ class Quotas:
             return
         raise QuotaExceeded(
             tenant, quota="rate", limit=rate,
-            retry_after=round(max(int(wait_us) / 1e6, 0.001), 3), detail=rule.describe())
+            retry_after=max(math.ceil(int(wait_us) / 1000), 1) / 1000,  # never too early
+            detail=rule.describe())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from orchestrator import Client, InvalidPayload, JobFailed
+from orchestrator.model_check import MAX_ANNOUNCED
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.conftest import WorkerProcess
@@ -219,7 +220,7 @@ def test_a_model_no_live_worker_of_the_tier_holds_is_refused_at_submit(client: C
     [error] = refused.value.errors
     assert error["loc"] == ("model",) and error["type"] == "model_unavailable"
     assert "(they have: other, tiny)" in error["msg"]
-    with pytest.raises(InvalidPayload, match="'missing'"):  # a bulk submit, before any item
+    with pytest.raises(InvalidPayload, match="'missing'"):  # a bulk submit, at its first chunk
         client.submit_bulk("embed", iter(["a", "b"]), params={"model": "missing"},
                            tier="offline")
     with pytest.raises(InvalidPayload, match="scoring model 'scoring-synthetic'"):
@@ -266,3 +267,13 @@ def test_a_worker_announces_the_models_it_can_open(models: Path) -> None:
     assert installed(models, "int8") == {"embedding": ["tiny"], "scoring": ["scoring-synthetic"]}
     assert installed(models, "fp32") == {"embedding": [], "scoring": ["scoring-synthetic"]}
     assert installed(models / "nowhere", "int8") == {"embedding": [], "scoring": []}
+    for i in range(MAX_ANNOUNCED):  # more than a worker announces: it announces none
+        (models / f"m{i:04d}").mkdir()
+        (models / f"m{i:04d}" / "model-small.onnx").touch()
+        (models / f"m{i:04d}" / "model-large.onnx").touch()
+    assert installed(models, "int8") is None
+
+
+def test_a_model_family_no_worker_announces_is_not_theirs_to_judge(client: Client) -> None:
+    _announce(client, "w1", ["interactive"], {"embedding": ["tiny"]})  # no scoring list
+    client.submit("score", {"rows": [[0.5] * 16]}, tier="interactive")

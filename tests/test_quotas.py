@@ -137,6 +137,23 @@ def test_after_the_burst_submissions_are_admitted_at_the_rate_and_no_faster(
         client.submit("echo", {"n": n}, tenant="acme")
 
 
+def test_a_rate_raised_since_the_last_submit_does_not_keep_the_old_wait(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    _tenants(client).set("acme", rate_per_s=1 / 86_400)  # one a day
+    client.submit("echo", {"n": 0}, tenant="acme")
+    refusal = _refused(client, redis_client,
+                       lambda: client.submit("echo", {"n": 1}, tenant="acme"))
+    assert refusal.retry_after is not None and refusal.retry_after > 86_000
+    _tenants(client).set("acme", rate_per_s=2, burst=1)
+    client.submit("echo", {"n": 1}, tenant="acme")  # as if the new burst had just been used:
+    refusal = _refused(client, redis_client,  # the next one an interval of the new rule later
+                       lambda: client.submit("echo", {"n": 2}, tenant="acme"))
+    assert refusal.retry_after is not None and refusal.retry_after <= 0.5
+    time.sleep(refusal.retry_after)
+    client.submit("echo", {"n": 2}, tenant="acme")
+
+
 @pytest.mark.parametrize(("rate", "burst", "interval_us", "tolerance_us"), [
     (1.0, 3, 1_000_000, 2_000_000), (0.3, None, 3_333_333, 0), (2.5, None, 400_000, 800_000),
     (100.0, 1, 10_000, 0), (1e6, None, 1, 999_999),

@@ -1,11 +1,11 @@
 """Worker registration: admission control counts the slots of live workers per tier.
 
 A worker's main process (not its pool processes) runs a ``Heartbeat`` thread that rewrites
-``orch:workers:<name>`` = ``{"tiers": [...], "concurrency": n, "models": {family: [names]}}``
-every ``interval_s`` with a time to live of three intervals, so a worker killed without a
-goodbye drops out within three heartbeats; a clean stop removes its entry at once. ``models``
-(what its model dir holds, looked at again on every beat) lets a submit naming a model no live
-worker has be refused at the edge (``orchestrator.model_check``).
+``orch:workers:<name>`` = ``{"tiers": [...], "concurrency": n}`` every ``interval_s`` with a
+time to live of three intervals, so a worker killed without a goodbye drops out within three
+heartbeats; a clean stop removes its entry at once. Beside it, ``orch:worker-models:<name>`` =
+``{family: [names]}`` (what its model dir holds, looked at again on every beat) lets a submit
+naming a model no live worker has be refused at the edge (``orchestrator.model_check``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import redis
 
 from orchestrator.admission import WORKERS_SET, worker_key
+from orchestrator.model_check import models_key
 from orchestrator.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,17 @@ def register(client: redis.Redis, name: str, tiers: Sequence[Tier | str], concur
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    fields: dict[str, object] = {"tiers": [Tier(t).value for t in tiers],
-                                 "concurrency": concurrency}
-    if models is not None:
-        fields["models"] = {family: list(names) for family, names in models.items()}
-    entry = json.dumps(fields)
+    entry = json.dumps({"tiers": [Tier(t).value for t in tiers], "concurrency": concurrency})
+    ttl_ms = max(int(ttl_s * 1000), 1)
     pipe = client.pipeline(transaction=False)
-    pipe.set(worker_key(name), entry, px=max(int(ttl_s * 1000), 1))
+    pipe.set(worker_key(name), entry, px=ttl_ms)
+    # Apart from the entry, which admission control reads on every submit: a long list of
+    # models would cost every submit, and only the model check reads it.
+    if models is None:
+        pipe.delete(models_key(name))
+    else:
+        pipe.set(models_key(name), json.dumps(
+            {family: list(names) for family, names in models.items()}), px=ttl_ms)
     pipe.sadd(WORKERS_SET, name)
     pipe.execute()
 
@@ -51,7 +56,7 @@ def register(client: redis.Redis, name: str, tiers: Sequence[Tier | str], concur
 def unregister(client: redis.Redis, name: str) -> None:
     """Remove a worker's entry (its slots stop counting at once)."""
     pipe = client.pipeline(transaction=False)
-    pipe.delete(worker_key(name))
+    pipe.delete(worker_key(name), models_key(name))
     pipe.srem(WORKERS_SET, name)
     pipe.execute()
 
@@ -61,7 +66,8 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, name: str, tiers: Sequence[Tier], concurrency: int,
                  *, interval_s: float = HEARTBEAT_S,
-                 models: Callable[[], Mapping[str, Sequence[str]]] | None = None) -> None:
+                 models: Callable[[], Mapping[str, Sequence[str]] | None] | None = None
+                 ) -> None:
         """``models``: what the worker holds, asked again on every beat."""
         self.redis = client
         self.models = models
