@@ -14,6 +14,7 @@ import redis
 
 from orchestrator import Client
 from orchestrator.broker import queue_key
+from orchestrator.client import JobHandle
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.tiers import Tier
@@ -263,28 +264,55 @@ def test_interactive_work_run_in_place_keeps_its_tiers_time_limit(
         rt.close()
 
 
-def test_the_chunks_own_time_limit_firing_while_work_runs_in_place_reaches_the_chunk(
-    client: Client, runtime: Runtime
-) -> None:
+def _chunk_limit_while_in_place(client: Client, rt: Runtime, burn_ms: int
+                                ) -> tuple[str | None, float, JobHandle, str]:
+    """Run a chunk that serves a ``burn`` in place at item 10, and send the chunk its soft time
+    limit 0.5 s into that burn: (chunk's state, seconds it took, the burn, chunk id)."""
     # Celery signals a task's soft time limit with SIGUSR1 (billiard); in a test process its
     # default would end the process, so a stand-in handler is there outside the run in place.
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     try:
         bulk = client.submit_bulk("upper", [f"t{i}" for i in range(15)], chunk_size=100)
         [chunk] = client.chunks(bulk.id)
-        client.submit("burn", {"ms": 3000}, tier="interactive")  # run in place at item 10
+        burn = client.submit("burn", {"ms": burn_ms}, tier="interactive")
         timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
         started = time.monotonic()
         timer.start()
-        state = runtime.execute(chunk.id)
+        state = rt.execute(chunk.id)
         timer.join()
-        # It was taken as the interactive job's failure and lost: the chunk ran on past its
-        # limit toward the hard kill.
-        assert state == "queued" and time.monotonic() - started < 2.5
-        [attempt] = client.attempts(chunk.id)
-        assert "time limit of the offline tier exceeded" in (attempt.error or "")
+        return state, time.monotonic() - started, burn, chunk.id
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_chunks_time_limit_waits_for_the_work_run_in_place_then_reaches_the_chunk(
+    client: Client, runtime: Runtime
+) -> None:
+    state, took, burn, chunk_id = _chunk_limit_while_in_place(client, runtime, 1500)
+    # The interactive job was not the chunk's to fail: it ran to the end, on its one attempt.
+    assert burn.job().state == "succeeded" and burn.job().attempts == 1
+    # Then the chunk stopped, at once, with its own time limit (and goes again).
+    assert state == "queued" and 1.4 < took < 6
+    [attempt] = client.attempts(chunk_id)
+    assert "time limit of the offline tier exceeded" in (attempt.error or "")
+
+
+def test_work_run_in_place_gets_half_the_chunks_grace_once_the_chunks_limit_has_come(
+    client: Client, eager: Settings
+) -> None:
+    rt = Runtime(Services.open(eager.model_copy(update={"hard_limit_grace_s": 1.0})),
+                 worker="grace-test")
+    try:
+        state, took, burn, chunk_id = _chunk_limit_while_in_place(client, rt, 5000)
+    finally:
+        rt.close()
+    # Cut 0.5 s after the chunk's limit (its hard kill comes 1 s after): the burn's attempt
+    # failed, and the chunk stopped with its time limit well before the burn's 5 s.
+    assert state == "queued" and took < 3.5
+    [first, *_] = client.attempts(burn.id)
+    assert "time limit of the interactive tier exceeded" in (first.error or "")
+    [attempt] = client.attempts(chunk_id)
+    assert "time limit of the offline tier exceeded" in (attempt.error or "")
 
 
 def test_a_due_interactive_batch_whose_trigger_is_out_of_reach_is_taken_from_its_buffer(

@@ -135,12 +135,14 @@ class InPlaceServer:
     MAX_MESSAGES = 32
 
     def __init__(self, celery: Celery, client: redis.Redis, dispatch: Dispatch, *,
-                 time_limit_s: float, delay_of: DelayOf) -> None:
+                 time_limit_s: float, delay_of: DelayOf, grace_s: float = 30.0) -> None:
+        """``grace_s``: the paused chunk's time between its soft and hard limits."""
         self._celery = celery
         self._redis = client
         self._delay_of = delay_of
         self._dispatch = dispatch
         self._time_limit_s = time_limit_s
+        self._grace_s = grace_s
         self._conn: Any = None
         self._queue: Any = None
         self.served = 0  # messages run in place by this process (for tests and logs)
@@ -227,10 +229,12 @@ class InPlaceServer:
 
         Job failures are the runtime's to record; what comes here is a time limit hit outside
         the kind, a broken message or a lost connection. None of it may fail the paused chunk.
+        The paused chunk's own soft limit, should it fire meanwhile, waits until this work is
+        done (see ``_soft_limit``), then reaches the chunk.
         """
         fired = _Fired()
         try:
-            with _soft_limit(self._time_limit_s, fired):
+            with _soft_limit(self._time_limit_s, fired, outer_grace_s=self._grace_s / 2):
                 self._dispatch(task, args, message_id)
         except SoftTimeLimitExceeded:
             if not fired.own:  # the paused chunk's own limit: the chunk's to handle
@@ -240,7 +244,7 @@ class InPlaceServer:
         except Exception:
             log.exception("interactive message %s failed when run in place", message_id)
             return False
-        if fired.outer:  # the chunk's limit cut the work run in place (its kind took it)
+        if fired.outer:  # the chunk's limit came while the work ran in place: now it is due
             raise SoftTimeLimitExceeded()
         return True
 
@@ -268,12 +272,17 @@ class _Fired:
 
 
 @contextmanager
-def _soft_limit(seconds: float, fired: _Fired) -> Iterator[None]:
+def _soft_limit(seconds: float, fired: _Fired, *, outer_grace_s: float = 0.0
+                ) -> Iterator[None]:
     """Raise ``SoftTimeLimitExceeded`` in this (main) thread after ``seconds``, as Celery would.
 
-    Celery's own soft limit for the paused chunk (``SIGUSR1`` from billiard) still raises
-    meanwhile, and is marked in ``fired`` as the chunk's: the work run in place may take it
-    as its own failure, and the chunk would never learn that its time was up.
+    Celery's own soft limit for the paused chunk (``SIGUSR1`` from billiard) may fire meanwhile.
+    Raised into the work run in place, it would fail interactive jobs that had nothing to do
+    with it (an attempt each), and the chunk would not learn that its time was up. So it is
+    only marked in ``fired``: the work goes on, and the caller raises it for the chunk once the
+    work is done. The chunk's hard limit comes its grace period after its soft one, so the work
+    now has at most ``outer_grace_s`` left (half the grace: the chunk still has to stop) before
+    its own limit cuts it.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -285,16 +294,18 @@ def _soft_limit(seconds: float, fired: _Fired) -> Iterator[None]:
 
     def outer(signum: int, frame: FrameType | None) -> None:
         fired.outer = True
-        raise SoftTimeLimitExceeded()
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        if outer_grace_s > 0 and (left == 0 or left > outer_grace_s):
+            signal.signal(signal.SIGALRM, expired)
+            signal.setitimer(signal.ITIMER_REAL, outer_grace_s)
 
-    previous = signal.signal(signal.SIGALRM, expired) if seconds > 0 else None
+    previous = signal.signal(signal.SIGALRM, expired)
     chunk_limit = signal.signal(signal.SIGUSR1, outer)
     if seconds > 0:
         signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        if previous is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         signal.signal(signal.SIGUSR1, chunk_limit)

@@ -113,7 +113,7 @@ class Runtime:
         self.in_place = InPlaceServer(
             services.celery, services.redis, self.run_message,
             time_limit_s=self.settings.policy(Tier.INTERACTIVE).time_limit_s,
-            delay_of=self._interactive_delay_s) \
+            delay_of=self._interactive_delay_s, grace_s=self.settings.hard_limit_grace_s) \
             if self.settings.preemption and Tier.INTERACTIVE in self.tiers else None
         store = services.store
         store.accountant = replace(store.accountant,
