@@ -11,9 +11,10 @@ The check only refuses what it knows: with no live worker serving the tier (the 
 one, which may bring the model), or a live one that does not announce its models, or Redis not
 answering, the submit goes ahead and a worker without the model fails the job as before. The
 announcements are read at most every ``CACHE_S`` per client; a name missing from that reading is
-looked up again before a refusal, and a model the client's own model dir holds (the embedded
-default, or a shared dir, where the workers find it too) is never refused, so a model exported
-while workers run is accepted at once there, elsewhere within a heartbeat.
+looked up again before a refusal (when the reading is older than ``FRESH_S``), and a model the
+client's own model dir holds (the embedded default, or a shared dir, where the workers find it
+too) is never refused, so a model exported while workers run is accepted at once there,
+elsewhere within a heartbeat.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ SCORER_SIZES = ("small", "large")
 MAX_ANNOUNCED = 1000
 #: seconds a reading of the workers' announcements is reused
 CACHE_S = 5.0
+#: seconds a reading is trusted before a refusal (which looks again once it is older)
+FRESH_S = 0.5
 MODELS_KEY_PREFIX = "orch:worker-models:"
 
 
@@ -110,7 +113,10 @@ class ModelCheck:
     def _holdings(self, tier: Tier, *, fresh: bool) -> Holdings:
         with self._lock:
             now = time.monotonic()
-            if fresh or now - self._read_at >= self.cache_s:
+            age = now - self._read_at
+            # A fresh look at most every FRESH_S: a stream of submits naming a missing model
+            # must not turn into a Redis read each, with every other submit waiting its turn.
+            if age >= self.cache_s or (fresh and age >= FRESH_S):
                 try:
                     self._entries = self._read()
                 except redis.RedisError:

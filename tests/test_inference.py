@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from orchestrator import Client, InvalidPayload, JobFailed
-from orchestrator.model_check import MAX_ANNOUNCED
+from orchestrator.model_check import FRESH_S, MAX_ANNOUNCED
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.conftest import WorkerProcess
@@ -238,6 +239,7 @@ def test_a_model_exported_a_moment_ago_is_not_refused_from_a_stale_reading(
     _announce(client, "w1", ["interactive"], {"embedding": ["tiny"], "scoring": []})
     client.submit("embed", {"texts": ["x"], "model": "tiny"})  # the reading is now cached
     _announce(client, "w1", ["interactive"], {"embedding": ["tiny", "new"], "scoring": []})
+    time.sleep(FRESH_S)  # (a reading younger than this is trusted)
     client.submit("embed", {"texts": ["x"], "model": "new"})
 
 
