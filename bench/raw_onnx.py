@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/raw_onnx.py [--model-dir DIR] [--rounds 5] [--sentences 256]
 
-For each variant (int8, fp32) and batch size (1, 4, 8, 16, 32, 64), one session with one
+For each variant (int8, int8-rows, fp32) and batch size (1, 4, 8, 16, 32, 64), one session with one
 intra-op thread embeds ``--sentences`` sentences of exactly 32 tokens (``[CLS]`` and ``[SEP]``
 included); a round's rate is sentences per second of wall time, and the figure is the median
 of the rounds (the rate per CPU-second of this process is recorded alongside).
@@ -42,6 +42,7 @@ from orchestrator.settings import Settings  # noqa: E402
 from workers.models.embedding import DEFAULT_EMBEDDING_MODEL, EmbeddingModel  # noqa: E402
 
 BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+VARIANTS = ("int8", "int8-rows", "fp32")
 TOKENS = 32
 # fmt: off
 WORDS = (
@@ -141,8 +142,8 @@ def main() -> None:
     load_at_start = os.getloadavg()
     probe = EmbeddingModel.from_dir(model_dir, "int8")
     texts = sentences(probe, args.sentences)
-    plan = [(v, b, 1) for v in ("int8", "fp32") for b in BATCH_SIZES]
-    plan += [(v, 16, 2) for v in ("int8", "fp32")]
+    plan = [(v, b, 1) for v in VARIANTS for b in BATCH_SIZES]
+    plan += [(v, 16, 2) for v in VARIANTS]
     rows = []
     for variant, batch, threads in plan:
         busy = wait_for_quiet(args.quiet_wait)
@@ -177,7 +178,7 @@ def main() -> None:
 
 def _print(row: dict[str, Any]) -> None:
     print(
-        f"{row['variant']:>5} batch {row['batch']:>3} threads {row['intra_op_threads']}: "
+        f"{row['variant']:>9} batch {row['batch']:>3} threads {row['intra_op_threads']}: "
         f"session {row['session']['sentences_per_s']:>7.1f}/s  "
         f"embed {row['embed']['sentences_per_s']:>7.1f}/s  "
         f"(per CPU-s: {row['session']['sentences_per_cpu_s']:>7.1f}; "

@@ -48,7 +48,7 @@ class Settings(BaseModel):
     result_wait_poll_s: float = Field(default=5.0, gt=0)
     model_threads: int = Field(default=1, ge=1, le=64)
     model_batch: int = Field(default=16, ge=1, le=4096)
-    embed_variant: str = Field(default="int8", pattern=r"^(int8|fp32)$")
+    embed_variant: str = Field(default="int8", pattern=r"^(int8|int8-rows|fp32)$")
     fair_window: int = Field(default=4, ge=1, le=10_000)
     preemption: bool = True
     #: A draining slot of a tier that does not linger takes and claims its next due batch

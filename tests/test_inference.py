@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from orchestrator import Client, InvalidPayload, JobFailed
+from orchestrator.errors import ConfigurationError
 from orchestrator.model_check import FRESH_S, MAX_ANNOUNCED
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -279,3 +280,27 @@ def test_a_worker_announces_the_models_it_can_open(models: Path) -> None:
 def test_a_model_family_no_worker_announces_is_not_theirs_to_judge(client: Client) -> None:
     _announce(client, "w1", ["interactive"], {"embedding": ["tiny"]})  # no scoring list
     client.submit("score", {"rows": [[0.5] * 16]}, tier="interactive")
+
+
+def test_a_worker_runs_the_embedding_variant_its_settings_name(
+    client: Client, settings: Settings, models: Path
+) -> None:
+    # A graph only the int8-rows file has (the tiny model under another name): the worker
+    # opens model-int8-rows.onnx, and announces the model only for that variant.
+    shutil.copy(models / "tiny" / "model-int8.onnx", models / "tiny" / "model-int8-rows.onnx")
+    (models / "tiny" / "model-int8.onnx").unlink()
+    rows = settings.model_copy(update={"embed_variant": "int8-rows"})
+    assert installed(models, "int8-rows")["embedding"] == ["tiny"]  # type: ignore[index]
+    assert installed(models, "int8")["embedding"] == []  # type: ignore[index]
+    rt = Runtime(Services.open(rows), worker="rows-test")
+    try:
+        rt.setup_kinds()
+        handle = client.submit("embed", {"texts": ["hello world"], "model": "tiny"})
+        rt.execute_batch("embed", "tiny", "interactive", "m-rows")
+        [vector] = handle.result(timeout=1)
+        assert abs(float(np.linalg.norm(vector)) - 1) < 1e-5
+    finally:
+        rt.close()
+    for bad in ("int4", "INT8", "int8-"):
+        with pytest.raises(ConfigurationError, match=r"EMBED_VARIANT|embed_variant"):
+            Settings.from_env({**settings.to_env(), "ORCH_EMBED_VARIANT": bad})

@@ -6,6 +6,7 @@ Model dir layout (``Settings.model_dir``, ``ORCH_MODEL_DIR``)::
       all-MiniLM-L6-v2/          one directory per model, named as the kind's config names it
         model-fp32.onnx          float32 export (pooling and L2 norm inside the graph)
         model-int8.onnx          dynamic int8 quantisation of the same graph (default variant)
+        model-int8-rows.onnx     the same int8 weights, activations quantised per row
         tokenizer.json           Hugging Face ``tokenizers`` file
         manifest.json            what was exported, from what, and its cosine agreement
       scoring-synthetic/
@@ -17,8 +18,10 @@ one of rank 2 is taken as already pooled. Both are L2-normalised here.
 
 The int8 variant is about 2.4x faster than fp32 on one core, but dynamic quantisation scales
 activations over the whole batch, so an int8 vector depends slightly on its batch mates (on the
-export's reference texts, one text alone vs inside a batch: cosine >= 0.95). fp32 vectors are
-batch-invariant; choose it (``ORCH_EMBED_VARIANT=fp32``) where vectors must be reproducible.
+export's reference texts, one text alone vs inside a batch: cosine >= 0.95). ``int8-rows`` (the
+same weights, activations quantised per row: ``rowquant``) and fp32 vectors are batch-invariant;
+choose one (``ORCH_EMBED_VARIANT``) where vectors must be reproducible: int8-rows runs at 0.79x
+int8's speed on one thread, fp32 at 0.42x (``bench/raw_onnx.py``).
 """
 
 from __future__ import annotations
