@@ -307,5 +307,11 @@ def test_per_row_quantisation_refuses_a_graph_it_does_not_know() -> None:
          helper.make_node("Identity", ["q"], ["y"])], "odd",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
         [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 2])])
+    model = helper.make_model(graph)
+    before = model.SerializeToString()
     with pytest.raises(ValueError, match="not a quantize_dynamic graph"):
-        per_row_activations(helper.make_model(graph))
+        per_row_activations(model)
+    assert model.SerializeToString() == before  # left as it was
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    with pytest.raises(ValueError, match="opset 11"):
+        per_row_activations(old)

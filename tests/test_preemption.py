@@ -286,11 +286,13 @@ def _chunk_limit_while_in_place(client: Client, rt: Runtime, burn_ms: int
 
 
 def test_the_chunks_time_limit_waits_for_the_work_run_in_place_then_reaches_the_chunk(
-    client: Client, runtime: Runtime
+    client: Client, runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     state, took, burn, chunk_id = _chunk_limit_while_in_place(client, runtime, 1500)
-    # The interactive job was not the chunk's to fail: it ran to the end, on its one attempt.
+    # The interactive job was not the chunk's to fail: it ran to the end, on its one attempt,
+    # and its message was acknowledged (not left to come back and run again).
     assert burn.job().state == "succeeded" and burn.job().attempts == 1
+    assert redis_client.hlen("unacked") == 0
     # Then the chunk stopped, at once, with its own time limit (and goes again).
     assert state == "queued" and 1.4 < took < 6
     [attempt] = client.attempts(chunk_id)

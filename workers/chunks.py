@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
+
 from orchestrator.db.store import Claim
 from orchestrator.kinds import JobContext, KindSpec
 from orchestrator.results import ResultStore
@@ -101,6 +103,8 @@ def run_chunk(spec: KindSpec, claim: Claim, model: Any, ctx: JobContext, *,
             served, cpu, wall = in_place.serve()
             lent[0] += cpu
             lent[1] += wall
+            if in_place.limit_due:  # the chunk's soft limit came while that work ran
+                raise SoftTimeLimitExceeded()
             waiting = check.waiting_by_tier()
             if served:
                 # Interactive work that arrived meanwhile is served at the next checkpoint,

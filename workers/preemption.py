@@ -146,6 +146,9 @@ class InPlaceServer:
         self._conn: Any = None
         self._queue: Any = None
         self.served = 0  # messages run in place by this process (for tests and logs)
+        #: the paused chunk's soft time limit came during the last ``serve``: what ran is
+        #: acknowledged and counted, and the caller raises ``SoftTimeLimitExceeded`` for it
+        self.limit_due = False
 
     def _bound_queue(self) -> Any:
         if self._queue is None:
@@ -169,6 +172,7 @@ class InPlaceServer:
         """
         wall0, cpu0 = time.perf_counter(), time.process_time()
         count, skipped = 0, set()
+        self.limit_due = False
         for _ in range(self.MAX_MESSAGES):
             message = self._bound_queue().get(no_ack=False, accept=["json"])
             if message is None:
@@ -191,7 +195,10 @@ class InPlaceServer:
                 break
             message.ack()
             count += 1
-        count += self._take_buffers()
+            if self.limit_due:
+                break
+        if not self.limit_due:
+            count += self._take_buffers()
         self.served += count
         return count, time.process_time() - cpu0, time.perf_counter() - wall0
 
@@ -222,6 +229,8 @@ class InPlaceServer:
             if not self._run(BATCH_TASK, [kind, key, tier.value], f"in-place-{uuid.uuid4()}"):
                 break  # its jobs stay claimed or buffered: their leases or triggers recover them
             count += 1
+            if self.limit_due:
+                break
         return count
 
     def _run(self, task: str, args: list[Any], message_id: str) -> bool:
@@ -230,7 +239,7 @@ class InPlaceServer:
         Job failures are the runtime's to record; what comes here is a time limit hit outside
         the kind, a broken message or a lost connection. None of it may fail the paused chunk.
         The paused chunk's own soft limit, should it fire meanwhile, waits until this work is
-        done (see ``_soft_limit``), then reaches the chunk.
+        done (see ``_soft_limit``) and sets ``limit_due``.
         """
         fired = _Fired()
         try:
@@ -245,7 +254,7 @@ class InPlaceServer:
             log.exception("interactive message %s failed when run in place", message_id)
             return False
         if fired.outer:  # the chunk's limit came while the work ran in place: now it is due
-            raise SoftTimeLimitExceeded()
+            self.limit_due = True
         return True
 
     def _empty(self, args: list[Any]) -> bool:
@@ -288,24 +297,30 @@ def _soft_limit(seconds: float, fired: _Fired, *, outer_grace_s: float = 0.0
         yield
         return
 
+    closing = False
+
     def expired(signum: int, frame: FrameType | None) -> None:
         fired.own = True
         raise SoftTimeLimitExceeded()
 
     def outer(signum: int, frame: FrameType | None) -> None:
-        fired.outer = True
+        first, fired.outer = not fired.outer, True
+        if closing or not first or outer_grace_s <= 0:
+            return  # (tearing down, or a second signal: recorded, nothing re-armed)
         left, _ = signal.getitimer(signal.ITIMER_REAL)
-        if outer_grace_s > 0 and (left == 0 or left > outer_grace_s):
-            signal.signal(signal.SIGALRM, expired)
+        if not fired.own and (left == 0 or left > outer_grace_s):
             signal.setitimer(signal.ITIMER_REAL, outer_grace_s)
 
     previous = signal.signal(signal.SIGALRM, expired)
-    chunk_limit = signal.signal(signal.SIGUSR1, outer)
-    if seconds > 0:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        if seconds > 0:  # armed before ``outer`` is there to shorten it
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        chunk_limit = signal.signal(signal.SIGUSR1, outer)
+        try:
+            yield
+        finally:
+            closing = True  # from here a SIGUSR1 is only recorded: nothing re-arms the timer
+            signal.signal(signal.SIGUSR1, chunk_limit)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        signal.signal(signal.SIGUSR1, chunk_limit)
