@@ -20,8 +20,8 @@ The int8 variant is about 2.4x faster than fp32 on one core, but dynamic quantis
 activations over the whole batch, so an int8 vector depends slightly on its batch mates (on the
 export's reference texts, one text alone vs inside a batch: cosine >= 0.95). ``int8-rows`` (the
 same weights, activations quantised per row: ``rowquant``) and fp32 vectors are batch-invariant;
-choose one (``ORCH_EMBED_VARIANT``) where vectors must be reproducible: int8-rows runs at 0.79x
-int8's speed on one thread, fp32 at 0.42x (``bench/raw_onnx.py``).
+choose one (``ORCH_EMBED_VARIANT``) where vectors must be reproducible: int8-rows runs at
+0.79-0.87x int8's speed on one thread, fp32 at 0.42x (``bench/raw_onnx.py``).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ w_zp)``, with the column sums precomputed from the quantised weights. The weight
 ``quantize_dynamic`` left them.
 
 A row's quantisation then reads only that row: a text's vector is the same alone or in any
-batch (and closer to fp32: on the reference texts, mean cosine 0.998 against 0.992), at 0.79x
-the per-tensor graph's speed on one thread (``bench/raw_onnx.py``): the per-row statistics and
-the correction are extra passes over the activations.
+batch (and closer to fp32: on the reference texts, mean cosine 0.998 against 0.992), at
+0.79-0.87x the per-tensor graph's speed on one thread (``bench/raw_onnx.py``, two runs): the
+per-row statistics and the correction are extra passes over the activations.
 Needs ``onnx`` (the ``export`` and ``dev`` extras).
 """
 
