@@ -48,15 +48,16 @@ MAX_ANNOUNCED = 1000
 CACHE_S = 5.0
 #: seconds a reading is trusted before a refusal (which looks again once it is older)
 FRESH_S = 0.5
+#: a worker's announced models are at this prefix plus its name
 MODELS_KEY_PREFIX = "orch:worker-models:"
+
+#: family -> names the live workers of a tier hold; None: not known
+Holdings = Mapping[str, frozenset[str]] | None
 
 
 def models_key(worker: str) -> str:
     """Where a worker announces its models (apart from its registry entry: see the registry)."""
     return f"{MODELS_KEY_PREFIX}{worker}"
-
-#: family -> names the live workers of a tier hold; None: not known
-Holdings = Mapping[str, frozenset[str]] | None
 
 
 def model_files(model_dir: Path, family: str, name: str, embed_variant: str) -> list[Path]:
@@ -71,9 +72,11 @@ def model_files(model_dir: Path, family: str, name: str, embed_variant: str) -> 
 
 def holds(model_dir: Path, family: str, name: str, embed_variant: str) -> bool:
     """Whether ``model_dir`` holds every file of the model (False for an unknown family)."""
-    if family not in (EMBEDDING, SCORING):
+    try:
+        files = model_files(model_dir, family, name, embed_variant)
+    except ValueError:
         return False
-    return all(path.is_file() for path in model_files(model_dir, family, name, embed_variant))
+    return all(path.is_file() for path in files)
 
 
 class ModelCheck:
@@ -89,6 +92,7 @@ class ModelCheck:
         self._lock = threading.Lock()
         self._read_at = -float("inf")
         self._entries: list[_Entry] = []
+        self._held: dict[Tier, Holdings] = {}  # per tier, from the entries of this reading
 
     def check(self, kind: str, tier: Tier, family: str, name: str) -> None:
         """Raises: InvalidPayload (on the payload's ``model``) when the tier's live workers all
@@ -123,14 +127,10 @@ class ModelCheck:
                     log.debug("model check skipped: Redis does not answer", exc_info=True)
                     return None
                 self._read_at = now
-            entries = [e for e in self._entries if tier.value in e.tiers]
-        if not entries or any(e.models is None for e in entries):
-            return None
-        held: dict[str, set[str]] = {}
-        for entry in entries:
-            for family, names in (entry.models or {}).items():
-                held.setdefault(family, set()).update(names)
-        return {family: frozenset(names) for family, names in held.items()}
+                self._held.clear()
+            if tier not in self._held:  # once per tier and reading, not per submit
+                self._held[tier] = _union([e for e in self._entries if tier.value in e.tiers])
+            return self._held[tier]
 
     def _read(self) -> list[_Entry]:
         names = sorted(n.decode() if isinstance(n, bytes) else str(n)
@@ -170,3 +170,14 @@ class _Entry:
             return cls(tiers, None)
         return cls(tiers, {str(f): frozenset(str(n) for n in names)
                            for f, names in models.items() if isinstance(names, list)})
+
+
+def _union(entries: list[_Entry]) -> Holdings:
+    """What a tier's live workers hold together; None when none is live or one does not say."""
+    if not entries or any(e.models is None for e in entries):
+        return None
+    held: dict[str, set[str]] = {}
+    for entry in entries:
+        for family, names in (entry.models or {}).items():
+            held.setdefault(family, set()).update(names)
+    return {family: frozenset(names) for family, names in held.items()}

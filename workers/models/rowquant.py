@@ -81,7 +81,7 @@ def per_row_activations(model: Any) -> Any:
             nodes.append(node)
             continue
         x, (q, scale, _zp) = node.input[0], node.output
-        p = f"{node.name or q}_rows"
+        p = _prefix(node)
         zero_point = f"{p}_zp"
         nodes += [
             reduce("ReduceMin", x, f"{p}_rmin"),
@@ -115,6 +115,11 @@ def per_row_activations(model: Any) -> Any:
     for info in stale:  # shapes inferred for the per-tensor scales no longer hold
         graph.value_info.remove(info)
     return model
+
+
+def _prefix(quantize: Any) -> str:
+    """The names of what replaces a DynamicQuantizeLinear node start with this."""
+    return f"{quantize.name or quantize.output[0]}_rows"
 
 
 @dataclass
@@ -156,6 +161,6 @@ def _plan(graph: Any, consumers: dict[str, list[Any]], weights: dict[str, Any], 
                 if len(matmul.input) > 3 and matmul.input[3] else 0
             colsum = f"{matmul.output[0]}_rows_colsum"
             plan.colsums[colsum] = (w - w_zp).sum(axis=0).astype(np.int32)
-            zero_point = f"{node.name or q}_rows_zp_i32"
+            zero_point = f"{_prefix(node)}_zp_i32"
             plan.offsets[matmul.output[0]] = (zero_point, colsum)
     return plan
